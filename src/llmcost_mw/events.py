@@ -1,0 +1,91 @@
+"""The cost event: one row of `cost_events`, built once per billable call."""
+
+from __future__ import annotations
+
+import uuid
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from decimal import Decimal
+from typing import Any
+
+from .usage import Usage
+
+__all__ = ["CostEvent", "Status", "utcnow"]
+
+
+class Status:
+    """Values of the `status` column."""
+
+    OK = "ok"
+    ERROR = "error"
+    # A stream that the caller closed early or that the server cut.
+    INCOMPLETE = "incomplete"
+    # A stream that was closed before its first event was read.
+    NOT_CONSUMED = "not_consumed"
+
+
+def utcnow() -> datetime:
+    """Return the current UTC time as a naive datetime, the form stored in `ts`."""
+    return datetime.now(UTC).replace(tzinfo=None)
+
+
+@dataclass(slots=True)
+class CostEvent:
+    """Everything recorded about one billable call."""
+
+    provider: str
+    model: str
+    usage: Usage
+    status: str = Status.OK
+    ts: datetime = field(default_factory=utcnow)
+    feature: str | None = None
+    user_id: str | None = None
+    request_id: str | None = None
+    response_id: str | None = None
+    request_model: str | None = None
+    error_type: str | None = None
+    cost_usd: Decimal | None = None
+    unpriced: bool = False
+    price_version: str | None = None
+    price_id: str | None = None
+    batch: bool = False
+    latency_ms: float = 0.0
+    context_missing: bool = False
+    flags: frozenset[str] = frozenset()
+    event_id: str = field(default_factory=lambda: uuid.uuid4().hex)
+
+    def to_row(self) -> dict[str, Any]:
+        """Flatten into the column values of `cost_events`."""
+        usage = self.usage
+        flags = self.flags | usage.flags
+        return {
+            "event_id": self.event_id,
+            "ts": self.ts,
+            "provider": self.provider,
+            "model": self.model,
+            "request_model": self.request_model,
+            "feature": self.feature,
+            "user_id": self.user_id,
+            "request_id": self.request_id,
+            "response_id": self.response_id,
+            "status": self.status,
+            "error_type": self.error_type,
+            "prompt_tokens": usage.prompt_tokens,
+            "completion_tokens": usage.completion_tokens,
+            "input_tokens": usage.input_tokens,
+            "cache_write_5m_tokens": usage.cache_write_5m_tokens,
+            "cache_write_1h_tokens": usage.cache_write_1h_tokens,
+            "cache_read_tokens": usage.cache_read_tokens,
+            "output_tokens": usage.output_tokens,
+            "reasoning_tokens": usage.reasoning_tokens,
+            "web_search_requests": usage.web_search_requests,
+            "web_fetch_requests": usage.web_fetch_requests,
+            "cost_usd": float(self.cost_usd) if self.cost_usd is not None else None,
+            "unpriced": self.unpriced,
+            "price_version": self.price_version,
+            "price_id": self.price_id,
+            "service_tier": usage.service_tier or ("batch" if self.batch else None),
+            "latency_ms": round(self.latency_ms, 3),
+            "context_missing": self.context_missing,
+            "flags": ",".join(sorted(flags)) or None,
+        }

@@ -1,0 +1,267 @@
+"""The store: the `cost_events` table and its neighbours, in SQLite or PostgreSQL.
+
+One SQLAlchemy URL selects the backend. In SQLite, `ts` is UTC text of the
+form `YYYY-MM-DD HH:MM:SS.ffffff`, so hand-written filters such as
+`ts >= datetime('now', '-1 hour')` compare correctly as strings.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy import event as sa_event
+from sqlalchemy.engine import Connection, Engine
+
+from .errors import ConfigurationError
+
+__all__ = ["DEFAULT_DATABASE_URL", "SCHEMA_VERSION", "Store", "metadata", "cost_events"]
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_DATABASE_URL = "sqlite:///costs.db"
+SCHEMA_VERSION = 1
+
+metadata = sa.MetaData()
+
+cost_events = sa.Table(
+    "cost_events",
+    metadata,
+    sa.Column("id", sa.Integer, primary_key=True, autoincrement=True),
+    sa.Column("event_id", sa.String(32), nullable=False),
+    sa.Column("ts", sa.DateTime, nullable=False),
+    sa.Column("provider", sa.String(64), nullable=False),
+    sa.Column("model", sa.String(255), nullable=False),
+    sa.Column("request_model", sa.String(255)),
+    sa.Column("feature", sa.String(255)),
+    sa.Column("user_id", sa.String(255)),
+    sa.Column("request_id", sa.String(64)),
+    sa.Column("response_id", sa.String(255)),
+    sa.Column("status", sa.String(16), nullable=False),
+    sa.Column("error_type", sa.String(128)),
+    sa.Column("prompt_tokens", sa.Integer, nullable=False, default=0),
+    sa.Column("completion_tokens", sa.Integer, nullable=False, default=0),
+    sa.Column("input_tokens", sa.Integer, nullable=False, default=0),
+    sa.Column("cache_write_5m_tokens", sa.Integer, nullable=False, default=0),
+    sa.Column("cache_write_1h_tokens", sa.Integer, nullable=False, default=0),
+    sa.Column("cache_read_tokens", sa.Integer, nullable=False, default=0),
+    sa.Column("output_tokens", sa.Integer, nullable=False, default=0),
+    sa.Column("reasoning_tokens", sa.Integer, nullable=False, default=0),
+    sa.Column("web_search_requests", sa.Integer, nullable=False, default=0),
+    sa.Column("web_fetch_requests", sa.Integer, nullable=False, default=0),
+    # Double precision: the sum of buckets is computed exactly with Decimal
+    # and rounded once here, far below a cent.
+    sa.Column("cost_usd", sa.Float(precision=53)),
+    sa.Column("unpriced", sa.Boolean, nullable=False, default=False),
+    sa.Column("price_version", sa.String(32)),
+    sa.Column("price_id", sa.String(255)),
+    sa.Column("service_tier", sa.String(32)),
+    sa.Column("latency_ms", sa.Float(precision=53), nullable=False, default=0.0),
+    sa.Column("context_missing", sa.Boolean, nullable=False, default=False),
+    sa.Column("flags", sa.String(255)),
+    sa.UniqueConstraint("event_id", name="uq_cost_events_event_id"),
+    # Serve the alert windows and the reports: each scans only its window.
+    sa.Index("ix_cost_events_ts", "ts"),
+    sa.Index("ix_cost_events_user_ts", "user_id", "ts"),
+    sa.Index("ix_cost_events_feature_ts", "feature", "ts"),
+    sa.Index("ix_cost_events_cost_ts", "ts", "cost_usd"),
+    # NULLs are distinct in unique indexes on both backends, so rows without a
+    # response id (failed calls) never collide.
+    sa.Index("uq_cost_events_response_id", "response_id", unique=True),
+)
+
+alert_state = sa.Table(
+    "alert_state",
+    metadata,
+    sa.Column("rule", sa.String(128), primary_key=True),
+    sa.Column("entity", sa.String(255), primary_key=True),
+    sa.Column("last_fired_at", sa.DateTime, nullable=False),
+    sa.Column("window_key", sa.String(64)),
+    sa.Column("value", sa.Float(precision=53)),
+)
+
+alert_outbox = sa.Table(
+    "alert_outbox",
+    metadata,
+    sa.Column("id", sa.Integer, primary_key=True, autoincrement=True),
+    sa.Column("rule", sa.String(128), nullable=False),
+    sa.Column("entity", sa.String(255), nullable=False),
+    sa.Column("created_at", sa.DateTime, nullable=False),
+    sa.Column("title", sa.Text, nullable=False),
+    sa.Column("message", sa.Text, nullable=False),
+    sa.Column("priority", sa.Integer, nullable=False, default=3),
+    sa.Column("tags", sa.String(255)),
+    sa.Column("click", sa.Text),
+    sa.Column("attempts", sa.Integer, nullable=False, default=0),
+    sa.Column("next_attempt_at", sa.DateTime, nullable=False),
+    sa.Column("delivered_at", sa.DateTime),
+    sa.Column("last_error", sa.Text),
+    sa.Index("ix_alert_outbox_pending", "delivered_at", "next_attempt_at"),
+)
+
+meta = sa.Table(
+    "llmcost_meta",
+    metadata,
+    sa.Column("key", sa.String(64), primary_key=True),
+    sa.Column("value", sa.Text, nullable=False),
+)
+
+
+class Store:
+    """Owns the engine for one database URL and creates the schema on first use."""
+
+    def __init__(self, url: str = DEFAULT_DATABASE_URL, *, busy_timeout_ms: int = 30_000) -> None:
+        self.url = url
+        try:
+            parsed = sa.engine.make_url(url)
+        except sa.exc.ArgumentError as exc:
+            raise ConfigurationError(
+                f"invalid database URL {_redact(url)!r}: use sqlite:///path/to/costs.db "
+                "or postgresql://user:password@host/dbname"
+            ) from exc
+        self.dialect = parsed.get_backend_name()
+        if self.dialect not in ("sqlite", "postgresql"):
+            raise ConfigurationError(
+                f"unsupported database {self.dialect!r} in {_redact(url)!r}: use a sqlite:/// or postgresql:// URL"
+            )
+        if self.dialect == "postgresql" and parsed.drivername == "postgresql":
+            # psycopg 3 is the driver the `postgres` extra installs.
+            parsed = parsed.set(drivername="postgresql+psycopg")
+        self.engine = self._create_engine(parsed, busy_timeout_ms)
+        self._schema_lock = threading.Lock()
+        self._schema_ready = False
+
+    @property
+    def safe_url(self) -> str:
+        """The URL with any password masked, for logs."""
+        return _redact(self.url)
+
+    def _create_engine(self, url: sa.URL, busy_timeout_ms: int) -> Engine:
+        if self.dialect != "sqlite":
+            return sa.create_engine(url, pool_pre_ping=True, future=True)
+
+        database = url.database
+        if database and database != ":memory:":
+            parent = os.path.dirname(os.path.abspath(database))
+            if not os.path.isdir(parent):
+                raise ConfigurationError(
+                    f"the directory of the SQLite file {database!r} does not exist; create {parent!r} first"
+                )
+        engine = sa.create_engine(
+            url,
+            connect_args={"timeout": busy_timeout_ms / 1000, "check_same_thread": False},
+            future=True,
+        )
+
+        @sa_event.listens_for(engine, "connect")
+        def _configure(dbapi_connection: Any, _record: Any) -> None:
+            # Autocommit at the driver level, so that the `begin` hook below
+            # decides how each transaction starts.
+            dbapi_connection.isolation_level = None
+            cursor = dbapi_connection.cursor()
+            cursor.execute(f"PRAGMA busy_timeout = {int(busy_timeout_ms)}")
+            cursor.execute("PRAGMA journal_mode = WAL")
+            cursor.execute("PRAGMA synchronous = NORMAL")
+            cursor.close()
+
+        @sa_event.listens_for(engine, "begin")
+        def _begin(connection: Connection) -> None:
+            # Writers take the write lock up front: a deferred transaction that
+            # reads and then writes fails at once with "database is locked"
+            # when another writer holds it, whatever the busy timeout.
+            mode = connection.get_execution_options().get("sqlite_begin", "DEFERRED")
+            connection.exec_driver_sql(f"BEGIN {mode}")
+
+        return engine
+
+    def ensure_schema(self) -> None:
+        """Create the tables and indexes that do not exist yet, and record the schema version."""
+        if self._schema_ready:
+            return
+        with self._schema_lock:
+            if self._schema_ready:
+                return
+            with self.write() as conn:
+                metadata.create_all(conn, checkfirst=True)
+                row = conn.execute(sa.select(meta.c.value).where(meta.c.key == "schema_version")).first()
+                if row is None:
+                    conn.execute(sa.insert(meta).values(key="schema_version", value=str(SCHEMA_VERSION)))
+                elif int(row[0]) > SCHEMA_VERSION:
+                    raise ConfigurationError(
+                        f"the store at {self.safe_url} has schema version {row[0]}, newer than this "
+                        f"package's {SCHEMA_VERSION}; upgrade llmcost-mw"
+                    )
+            self._schema_ready = True
+
+    def write(self) -> Any:
+        """Open a write transaction; in SQLite it takes the write lock immediately."""
+        if self.dialect == "sqlite":
+            return self.engine.execution_options(sqlite_begin="IMMEDIATE").begin()
+        return self.engine.begin()
+
+    def read(self) -> Any:
+        """Open a read-only unit of work."""
+        return self.engine.connect()
+
+    def insert_events(self, rows: Sequence[dict[str, Any]]) -> int:
+        """Insert rows in one transaction, skipping event or response ids already stored.
+
+        Returns the number of rows inserted.
+        """
+        if not rows:
+            return 0
+        self.ensure_schema()
+        statement = self._insert_ignoring_duplicates()
+        with self.write() as conn:
+            result = conn.execute(statement, list(rows))
+            return result.rowcount if result.rowcount is not None and result.rowcount >= 0 else len(rows)
+
+    def _insert_ignoring_duplicates(self) -> Any:
+        if self.dialect == "sqlite":
+            from sqlalchemy.dialects.sqlite import insert
+        else:
+            from sqlalchemy.dialects.postgresql import insert
+        return insert(cost_events).on_conflict_do_nothing()
+
+    def schema_version(self) -> int:
+        self.ensure_schema()
+        with self.read() as conn:
+            value = conn.execute(sa.select(meta.c.value).where(meta.c.key == "schema_version")).scalar_one()
+        return int(value)
+
+    def count_events(self) -> int:
+        self.ensure_schema()
+        with self.read() as conn:
+            return int(conn.execute(sa.select(sa.func.count()).select_from(cost_events)).scalar_one())
+
+    def fetch_events(self, *where: Any) -> list[dict[str, Any]]:
+        """Return rows of `cost_events` as dicts, oldest first; meant for tests and small reports."""
+        self.ensure_schema()
+        query = sa.select(cost_events).where(*where).order_by(cost_events.c.id)
+        with self.read() as conn:
+            return [dict(row._mapping) for row in conn.execute(query)]
+
+    def dispose(self) -> None:
+        self.engine.dispose()
+
+
+def _redact(url: str) -> str:
+    try:
+        return sa.engine.make_url(url).render_as_string(hide_password=True)
+    except sa.exc.ArgumentError:
+        return "<unparseable URL>"
+
+
+def iter_chunks(rows: Iterable[Any], size: int) -> Iterable[list[Any]]:
+    chunk: list[Any] = []
+    for row in rows:
+        chunk.append(row)
+        if len(chunk) >= size:
+            yield chunk
+            chunk = []
+    if chunk:
+        yield chunk

@@ -1,0 +1,94 @@
+"""The tracker: prices a finished call, counts it in Prometheus and hands it to the recorder."""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections import OrderedDict
+
+from .errors import UnpricedModelError
+from .events import CostEvent
+from .metrics import Metrics
+from .pricing import PriceBook
+from .recorder import Recorder
+
+__all__ = ["Tracker"]
+
+logger = logging.getLogger(__name__)
+
+UNPRICED_WARNING = (
+    "model %r (provider %s) is not in the price table; its calls are recorded with cost_usd NULL "
+    "and unpriced = true until a price row is added (see `llmcost prices`)"
+)
+
+
+class Tracker:
+    """Turns finished calls into priced, counted and queued cost events."""
+
+    def __init__(
+        self,
+        recorder: Recorder,
+        *,
+        price_book: PriceBook | None = None,
+        metrics: Metrics | None = None,
+        strict: bool = False,
+        dedup_window: int = 10_000,
+    ) -> None:
+        self.recorder = recorder
+        self.price_book = price_book if price_book is not None else PriceBook.load()
+        self.metrics = metrics
+        self.strict = strict
+        self._dedup_window = dedup_window
+        self._recent_ids: OrderedDict[str, None] = OrderedDict()
+        self._unpriced_warned: set[str] = set()
+        self._lock = threading.Lock()
+
+    def track(self, event: CostEvent) -> None:
+        """Price, count and queue one event.
+
+        Raises UnpricedModelError in strict mode, after the row is queued.
+        Any other failure is logged, never raised: the caller's LLM call has
+        already succeeded.
+        """
+        if event.response_id is not None and self._seen(event.response_id):
+            return
+        quote = self.price_book.quote(event.model, event.usage, batch=event.batch)
+        event.price_version = self.price_book.version
+        if quote is None:
+            event.unpriced = True
+            event.cost_usd = None
+            self._warn_unpriced(event)
+        else:
+            event.cost_usd = quote.cost_usd
+            event.price_id = quote.price_id
+            if quote.long_context:
+                event.flags = event.flags | {"long_context"}
+        if self.metrics is not None:
+            try:
+                self.metrics.observe(event)
+            except Exception:
+                logger.exception("counting a cost event in Prometheus failed; the event is still recorded")
+        self.recorder.record(event)
+        if event.unpriced and self.strict:
+            raise UnpricedModelError(event.model)
+
+    def _seen(self, response_id: str) -> bool:
+        # The store also rejects a repeated response id; this check keeps the
+        # Prometheus counters from counting it twice in this process.
+        with self._lock:
+            if response_id in self._recent_ids:
+                self._recent_ids.move_to_end(response_id)
+                return True
+            self._recent_ids[response_id] = None
+            if len(self._recent_ids) > self._dedup_window:
+                self._recent_ids.popitem(last=False)
+            return False
+
+    def _warn_unpriced(self, event: CostEvent) -> None:
+        if event.model in self._unpriced_warned:
+            return
+        with self._lock:
+            if event.model in self._unpriced_warned or len(self._unpriced_warned) > 1_000:
+                return
+            self._unpriced_warned.add(event.model)
+        logger.warning(UNPRICED_WARNING, event.model, event.provider)
