@@ -15,9 +15,11 @@ import logging
 from collections.abc import Callable
 from typing import Any
 
+import anyio.to_thread
 from starlette.requests import HTTPConnection
 
 from .context import Attribution, _current
+from .instrumentation import current_tracker
 
 __all__ = ["LLMCostMiddleware", "route_template"]
 
@@ -41,6 +43,26 @@ def route_template(scope: Scope, root_path: str = "") -> str | None:
     # Inside a Mount, the route's template is relative to the mount point.
     mount_prefix = scope.get("root_path", "")[len(root_path) :]
     return f"{mount_prefix}{template}"
+
+
+def _lifespan_send(send: Any) -> Any:
+    """Start the recorder's writer at start-up and write its queue at shutdown.
+
+    The writer then starts outside any request. Writing at shutdown matters
+    because uvicorn ends the process by re-raising SIGTERM with its default
+    action once the app has shut down, and that skips atexit handlers.
+    """
+
+    async def send_and_hook(message: dict[str, Any]) -> None:
+        tracker = current_tracker()
+        if tracker is not None:
+            if message["type"] == "lifespan.startup.complete":
+                tracker.recorder.start()
+            elif message["type"] in ("lifespan.shutdown.complete", "lifespan.shutdown.failed"):
+                await anyio.to_thread.run_sync(tracker.recorder.close)
+        await send(message)
+
+    return send_and_hook
 
 
 class LLMCostMiddleware:
@@ -76,6 +98,9 @@ class LLMCostMiddleware:
         self.request_id_header = request_id_header.lower().encode("latin-1") if request_id_header else None
 
     async def __call__(self, scope: Scope, receive: Any, send: Any) -> None:
+        if scope["type"] == "lifespan":
+            await self.app(scope, receive, _lifespan_send(send))
+            return
         if scope["type"] not in ("http", "websocket"):
             await self.app(scope, receive, send)
             return

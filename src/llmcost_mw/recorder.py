@@ -118,14 +118,14 @@ class Recorder:
         else:
             self._queue.append(event)
         if self._thread is None:
-            self._start()
+            self.start()
         if len(self._queue) >= self.batch_size:
             self._wake.set()
 
     def flush(self, timeout_seconds: float | None = 30.0) -> bool:
         """Wait until every queued and spilled event is written; return False on timeout."""
         if self._thread is None and (self._queue or self._spilled):
-            self._start()
+            self.start()
         deadline = None if timeout_seconds is None else time.monotonic() + timeout_seconds
         with self._idle:
             while self._queue or self._in_flight or self._spilled:
@@ -155,7 +155,8 @@ class Recorder:
                 self.spill_path,
             )
 
-    def _start(self) -> None:
+    def start(self) -> None:
+        """Start the background writer; `record()` starts it on first use otherwise."""
         with self._start_lock:
             if self._thread is not None:
                 return
