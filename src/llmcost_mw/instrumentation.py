@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import inspect
 import threading
+import weakref
 from typing import Any
+
+from anthropic._base_client import AsyncAPIClient
 
 from prometheus_client import REGISTRY, CollectorRegistry
 
@@ -20,7 +23,9 @@ __all__ = ["current_tracker", "instrument", "tracked_create", "uninstrument"]
 
 _lock = threading.Lock()
 _tracker: Tracker | None = None
-_metrics_by_registry: dict[int, Metrics] = {}
+# Weak keys: a registry that is gone must not hand its Metrics to a new
+# registry that happens to get the same id.
+_metrics_by_registry: weakref.WeakKeyDictionary[CollectorRegistry, Metrics] = weakref.WeakKeyDictionary()
 
 
 def instrument(
@@ -81,10 +86,10 @@ def current_tracker() -> Tracker | None:
 def _metrics_for(registry: CollectorRegistry) -> Metrics:
     # A metric name can be registered once per registry, so one Metrics
     # object serves every `instrument()` call with the same registry.
-    metrics = _metrics_by_registry.get(id(registry))
+    metrics = _metrics_by_registry.get(registry)
     if metrics is None:
         metrics = Metrics(registry)
-        _metrics_by_registry[id(registry)] = metrics
+        _metrics_by_registry[registry] = metrics
     return metrics
 
 
@@ -101,7 +106,9 @@ def tracked_create(client: Any, *, feature: str | None = None, user_id: str | No
         instrument()
     create = client.messages.create
     scope = attribute(**{k: v for k, v in (("feature", feature), ("user_id", user_id)) if v is not None})
-    if inspect.iscoroutinefunction(create):
+    # The SDK wraps `AsyncMessages.create` in a plain function, so the
+    # client's type tells an async call apart, not the method.
+    if isinstance(client, AsyncAPIClient) or inspect.iscoroutinefunction(inspect.unwrap(create)):
 
         async def call_async() -> Any:
             with scope:

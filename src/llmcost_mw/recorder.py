@@ -113,22 +113,29 @@ class Recorder:
         """Queue one event. Never raises and never blocks on the store."""
         if self.durability == "sync" and self._write_now(event):
             return
-        if len(self._queue) >= self.max_queue_events:
-            self._spill([event])
-        else:
+        if len(self._queue) < self.max_queue_events or not self._try_spill([event]):
+            # Past the bound the event goes to disk; if even that fails it
+            # stays in memory, since losing it is worse than the memory.
             self._queue.append(event)
         if self._thread is None:
             self.start()
         if len(self._queue) >= self.batch_size:
             self._wake.set()
 
-    def flush(self, timeout_seconds: float | None = 30.0) -> bool:
-        """Wait until every queued and spilled event is written; return False on timeout."""
-        if self._thread is None and (self._queue or self._spilled):
+    def flush(self, timeout_seconds: float | None = 30.0, *, include_spilled: bool = True) -> bool:
+        """Wait until every queued (and, by default, spilled) event is written; return False on timeout."""
+
+        def pending() -> bool:
+            return bool(self._queue or self._in_flight or (include_spilled and self._spilled))
+
+        if not pending():
+            return True
+        if self._thread is None or not self._thread.is_alive():
+            self._thread = None
             self.start()
         deadline = None if timeout_seconds is None else time.monotonic() + timeout_seconds
         with self._idle:
-            while self._queue or self._in_flight or self._spilled:
+            while pending():
                 self._wake.set()
                 remaining = None if deadline is None else deadline - time.monotonic()
                 if remaining is not None and remaining <= 0:
@@ -136,24 +143,31 @@ class Recorder:
                 self._idle.wait(timeout=0.05 if remaining is None else min(remaining, 0.05))
         return True
 
-    def close(self, timeout_seconds: float = 30.0) -> None:
-        """Write everything queued, then stop the writer. Events still unwritten are spilled to disk."""
-        self.flush(timeout_seconds)
+    def close(self, timeout_seconds: float = 10.0) -> None:
+        """Write what is queued in memory, then stop the writer.
+
+        Events that could not be written within the timeout are spilled to
+        disk and written by the next recorder on the same store. Events
+        already spilled stay there; closing does not wait for them.
+        """
+        self.flush(timeout_seconds, include_spilled=False)
         self._stopping = True
         self._wake.set()
-        if self._thread is not None:
-            self._thread.join(timeout=5.0)
+        thread, self._thread = self._thread, None
+        if thread is not None:
+            thread.join(timeout=5.0)
+        atexit.unregister(self.close)
         leftover = list(self._queue)
         if leftover:
             self._queue.clear()
-            self._spill(leftover)
-            logger.error(
-                "the store at %s was unavailable at exit; %d events were saved to %s and will be "
-                "written on the next start",
-                self.store.safe_url,
-                len(leftover),
-                self.spill_path,
-            )
+            if self._try_spill(leftover):
+                logger.error(
+                    "the store at %s was unavailable at exit; %d events were saved to %s and will be "
+                    "written on the next start",
+                    self.store.safe_url,
+                    len(leftover),
+                    self.spill_path,
+                )
 
     def start(self) -> None:
         """Start the background writer; `record()` starts it on first use otherwise."""
@@ -237,15 +251,23 @@ class Recorder:
             wrote = True
         return wrote
 
-    def _spill(self, events: list[CostEvent]) -> None:
+    def _try_spill(self, events: list[CostEvent]) -> bool:
+        """Append events to the spill file; return False (and log) when the file cannot be written."""
         lines = "".join(json.dumps(_encode_row(event.to_row())) + "\n" for event in events)
-        with self._spill_lock:
-            self.spill_path.parent.mkdir(parents=True, exist_ok=True)
-            with open(self.spill_path, "a", encoding="utf-8") as spill:
-                spill.write(lines)
-                spill.flush()
-                os.fsync(spill.fileno())
-            self._spilled = True
+        try:
+            with self._spill_lock:
+                self.spill_path.parent.mkdir(parents=True, exist_ok=True)
+                with open(self.spill_path, "a", encoding="utf-8") as spill:
+                    spill.write(lines)
+                    spill.flush()
+                    os.fsync(spill.fileno())
+                self._spilled = True
+        except OSError as exc:
+            self._errors.error(
+                "cannot write the spill file %s (%s); %d events stay in memory", self.spill_path, exc, len(events)
+            )
+            return False
+        return True
 
     def _replay_spill(self) -> None:
         replaying = _replaying_path(self.spill_path)
