@@ -10,7 +10,8 @@ from __future__ import annotations
 import logging
 import os
 import threading
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
+from datetime import datetime
 from typing import Any
 
 import sqlalchemy as sa
@@ -134,6 +135,7 @@ class Store:
         self.engine = self._create_engine(parsed, busy_timeout_ms)
         self._schema_lock = threading.Lock()
         self._schema_ready = False
+        self._insert_sql: tuple[str, tuple[str, ...]] | None = None
 
     @property
     def safe_url(self) -> str:
@@ -210,22 +212,44 @@ class Store:
     def insert_events(self, rows: Sequence[dict[str, Any]]) -> int:
         """Insert rows in one transaction, skipping event or response ids already stored.
 
-        Returns the number of rows inserted.
+        Returns the number of rows inserted. The rows go to the driver's
+        `executemany` as tuples: per-row processing in Python would run on
+        the writer thread and compete with the app's threads for the GIL.
         """
         if not rows:
             return 0
         self.ensure_schema()
-        statement = self._insert_ignoring_duplicates()
-        with self.write() as conn:
-            result = conn.execute(statement, list(rows))
-            return result.rowcount if result.rowcount is not None and result.rowcount >= 0 else len(rows)
-
-    def _insert_ignoring_duplicates(self) -> Any:
+        sql, columns = self._insert_statement()
         if self.dialect == "sqlite":
-            from sqlalchemy.dialects.sqlite import insert
+            values = [tuple(_sqlite_value(row.get(name)) for name in columns) for row in rows]
         else:
-            from sqlalchemy.dialects.postgresql import insert
-        return insert(cost_events).on_conflict_do_nothing()
+            values = [tuple(row.get(name) for name in columns) for row in rows]
+        with self.write() as conn:
+            before = self._total_changes(conn)
+            result = conn.exec_driver_sql(sql, values)
+            after = self._total_changes(conn)
+        if before is not None and after is not None:
+            return after - before
+        return result.rowcount if result.rowcount is not None and result.rowcount >= 0 else len(rows)
+
+    def _insert_statement(self) -> tuple[str, tuple[str, ...]]:
+        if self._insert_sql is None:
+            columns = tuple(column.name for column in cost_events.columns if column.name != "id")
+            marker = "?" if self.dialect == "sqlite" else "%s"
+            self._insert_sql = (
+                f"INSERT INTO cost_events ({', '.join(columns)}) "
+                f"VALUES ({', '.join([marker] * len(columns))}) ON CONFLICT DO NOTHING",
+                columns,
+            )
+        return self._insert_sql
+
+    def _total_changes(self, conn: Connection) -> int | None:
+        # SQLite counts the rows each connection changed; the difference is the
+        # number inserted, duplicates excluded. psycopg reports the same number
+        # as the rowcount of executemany.
+        if self.dialect != "sqlite":
+            return None
+        return int(conn.connection.dbapi_connection.total_changes)
 
     def schema_version(self) -> int:
         self.ensure_schema()
@@ -256,12 +280,11 @@ def _redact(url: str) -> str:
         return "<unparseable URL>"
 
 
-def iter_chunks(rows: Iterable[Any], size: int) -> Iterable[list[Any]]:
-    chunk: list[Any] = []
-    for row in rows:
-        chunk.append(row)
-        if len(chunk) >= size:
-            yield chunk
-            chunk = []
-    if chunk:
-        yield chunk
+def _sqlite_value(value: Any) -> Any:
+    # The text form SQLAlchemy's DateTime uses in SQLite, which hand-written
+    # `datetime('now', ...)` comparisons rely on.
+    if isinstance(value, datetime):
+        return value.strftime("%Y-%m-%d %H:%M:%S.%f")
+    if isinstance(value, bool):
+        return int(value)
+    return value
