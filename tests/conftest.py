@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import os
 from collections.abc import Callable
 
 import anthropic
@@ -97,3 +98,28 @@ def api():
     scripted = ScriptedAPI()
     yield scripted
     scripted.close()
+
+
+@pytest.fixture(scope="session")
+def postgres_server():
+    """A PostgreSQL server owned by the test session; skipped where PostgreSQL is missing, except in CI."""
+    from postgres_server import PostgresServer, find_bindir
+
+    bindir = find_bindir()
+    if bindir is None:
+        if os.environ.get("CI") == "true":
+            pytest.fail("PostgreSQL is not installed, and CI must run the PostgreSQL tests (apt-get install postgresql)")
+        pytest.skip("PostgreSQL is not installed")
+    server = PostgresServer(bindir)
+    server.initialize()
+    server.start()
+    yield server
+    server.destroy()
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def backend_url(request, tmp_path):
+    """A fresh, empty store URL on each backend."""
+    if request.param == "sqlite":
+        return f"sqlite:///{tmp_path / 'costs.db'}"
+    return request.getfixturevalue("postgres_server").create_database()

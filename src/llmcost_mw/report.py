@@ -6,7 +6,7 @@ SQLite and PostgreSQL. Windows are computed from an injected clock in UTC.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
@@ -14,7 +14,8 @@ from typing import Any
 import sqlalchemy as sa
 
 from .events import utcnow
-from .store import Store, cost_events
+from .retention import daily_totals
+from .store import Store, cost_daily, cost_events
 
 __all__ = ["Report", "Table", "build_report", "format_report"]
 
@@ -35,46 +36,57 @@ class Report:
 
 
 def build_report(store: Store, *, clock: Callable[[], datetime] = utcnow, top_users: int = 20) -> Report:
-    """Run the three report queries against the store."""
+    """Run the three report queries against the store.
+
+    Days whose raw rows were pruned are read from the daily roll-ups. A
+    window that starts inside such a day counts that whole day.
+    """
     store.ensure_schema()
     now = clock()
     week_ago = now - timedelta(days=7)
     month_ago = now - timedelta(days=30)
     c = cost_events.c
-    total_usd = sa.func.coalesce(sa.func.sum(c.cost_usd), 0.0)
+    d = cost_daily.c
 
-    per_feature = (
+    raw_features = (
         sa.select(
             c.feature,
-            sa.func.count().label("calls"),
-            total_usd.label("total_usd"),
-            sa.func.avg(c.cost_usd).label("avg_call_usd"),
-            (sa.func.sum(c.prompt_tokens + c.completion_tokens) * 1.0 / sa.func.count()).label("avg_tokens"),
-            sa.func.sum(sa.case((c.unpriced, 1), else_=0)).label("unpriced"),
+            sa.func.count(),
+            sa.func.sum(sa.case((c.unpriced, 1), else_=0)),
+            sa.func.sum(c.cost_usd),
+            sa.func.sum(c.prompt_tokens + c.completion_tokens),
         )
         .where(c.ts >= week_ago)
         .group_by(c.feature)
-        .order_by(total_usd.desc())
     )
-    per_user = (
-        sa.select(c.user_id, sa.func.count().label("calls"), total_usd.label("total_usd"))
-        .where(c.ts >= week_ago)
-        .group_by(c.user_id)
-        .order_by(total_usd.desc())
-        .limit(top_users)
+    rolled_features = (
+        sa.select(
+            d.feature,
+            sa.func.sum(d.calls),
+            sa.func.sum(d.unpriced_calls),
+            sa.func.sum(d.cost_usd),
+            sa.func.sum(d.prompt_tokens + d.completion_tokens),
+        )
+        .where(d.day >= week_ago.date())
+        .group_by(d.feature)
     )
-    day = sa.func.date(c.ts)
-    daily = (
-        sa.select(day.label("day"), c.feature, total_usd.label("daily_usd"))
-        .where(c.ts >= month_ago)
-        .group_by(day, c.feature)
-        .order_by(day.desc(), total_usd.desc())
+    raw_users = (
+        sa.select(c.user_id, sa.func.count(), sa.func.sum(c.cost_usd)).where(c.ts >= week_ago).group_by(c.user_id)
+    )
+    rolled_users = (
+        sa.select(d.user_id, sa.func.sum(d.calls), sa.func.sum(d.cost_usd))
+        .where(d.day >= week_ago.date())
+        .group_by(d.user_id)
     )
 
     with store.read() as conn:
-        feature_rows = conn.execute(per_feature).all()
-        user_rows = conn.execute(per_user).all()
-        daily_rows = conn.execute(daily).all()
+        features = _merge(conn.execute(raw_features), conn.execute(rolled_features))
+        users = _merge(conn.execute(raw_users), conn.execute(rolled_users))
+    daily = daily_totals(store, since=month_ago.date(), until=now.date() + timedelta(days=1))
+
+    feature_rows = sorted(features.items(), key=lambda item: (-item[1][2], _label(item[0])))
+    user_rows = sorted(users.items(), key=lambda item: (-item[1][1], _label(item[0])))[:top_users]
+    daily_rows = sorted(daily.items(), key=lambda item: (item[0][0], item[1]["cost_usd"]), reverse=True)
 
     tables = (
         Table(
@@ -82,28 +94,45 @@ def build_report(store: Store, *, clock: Callable[[], datetime] = utcnow, top_us
             ("feature", "calls", "total USD", "avg USD/call", "avg tokens", "unpriced calls"),
             [
                 (
-                    _label(row.feature),
-                    row.calls,
-                    _usd(row.total_usd, 2),
-                    _usd(row.avg_call_usd, 4),
-                    f"{float(row.avg_tokens or 0):.0f}",
-                    row.unpriced,
+                    _label(feature),
+                    calls,
+                    _usd(cost, 2),
+                    _usd(cost / (calls - unpriced), 4) if calls > unpriced else "-",
+                    f"{tokens / calls:.0f}" if calls else "0",
+                    unpriced,
                 )
-                for row in feature_rows
+                for feature, (calls, unpriced, cost, tokens) in feature_rows
             ],
         ),
         Table(
             f"Top {top_users} users by cost, last 7 days",
             ("user", "calls", "total USD"),
-            [(_label(row.user_id), row.calls, _usd(row.total_usd, 2)) for row in user_rows],
+            [(_label(user), calls, _usd(cost, 2)) for user, (calls, cost) in user_rows],
         ),
         Table(
             "Daily cost per feature, last 30 days",
             ("day", "feature", "USD"),
-            [(str(row.day), _label(row.feature), _usd(row.daily_usd, 2)) for row in daily_rows],
+            [
+                (day.isoformat(), _label(feature), _usd(totals["cost_usd"], 2))
+                for (day, feature), totals in daily_rows
+                if day >= month_ago.date()
+            ],
         ),
     )
     return Report(generated_at=now, tables=tables)
+
+
+def _merge(*results: Iterable[Any]) -> dict[Any, list[Any]]:
+    """Add up rows of (key, number, number, ...) from several queries by key; NULL counts as 0."""
+    merged: dict[Any, list[Any]] = {}
+    for result in results:
+        for key, *values in result:
+            numbers = [value if value is not None else 0 for value in values]
+            if key in merged:
+                merged[key] = [a + b for a, b in zip(merged[key], numbers, strict=True)]
+            else:
+                merged[key] = numbers
+    return merged
 
 
 def _label(value: str | None) -> str:

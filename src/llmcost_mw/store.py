@@ -19,13 +19,14 @@ from sqlalchemy import event as sa_event
 from sqlalchemy.engine import Connection, Engine
 
 from .errors import ConfigurationError
+from .migrations import upgrade
 
 __all__ = ["DEFAULT_DATABASE_URL", "SCHEMA_VERSION", "Store", "metadata", "cost_events"]
 
 logger = logging.getLogger(__name__)
 
 DEFAULT_DATABASE_URL = "sqlite:///costs.db"
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 
 metadata = sa.MetaData()
 
@@ -64,7 +65,7 @@ cost_events = sa.Table(
     sa.Column("latency_ms", sa.Float(precision=53), nullable=False, default=0.0),
     sa.Column("context_missing", sa.Boolean, nullable=False, default=False),
     sa.Column("flags", sa.String(255)),
-    sa.UniqueConstraint("event_id", name="uq_cost_events_event_id"),
+    sa.Index("uq_cost_events_event_id", "event_id", unique=True),
     # Serve the alert windows and the reports: each scans only its window.
     sa.Index("ix_cost_events_ts", "ts"),
     sa.Index("ix_cost_events_user_ts", "user_id", "ts"),
@@ -102,6 +103,34 @@ alert_outbox = sa.Table(
     sa.Column("delivered_at", sa.DateTime),
     sa.Column("last_error", sa.Text),
     sa.Index("ix_alert_outbox_pending", "delivered_at", "next_attempt_at"),
+)
+
+# Daily totals per provider, model, feature and user. `llmcost prune` rolls
+# raw rows up into it before deleting them; reports and the p95 baseline
+# read it for days whose raw rows are gone. Rows are additive: two rows for
+# the same group and day are summed, never replaced.
+cost_daily = sa.Table(
+    "cost_daily",
+    metadata,
+    sa.Column("id", sa.Integer, primary_key=True, autoincrement=True),
+    sa.Column("day", sa.Date, nullable=False),
+    sa.Column("provider", sa.String(64), nullable=False),
+    sa.Column("model", sa.String(255), nullable=False),
+    sa.Column("feature", sa.String(255)),
+    sa.Column("user_id", sa.String(255)),
+    sa.Column("calls", sa.Integer, nullable=False),
+    sa.Column("error_calls", sa.Integer, nullable=False, default=0),
+    sa.Column("unpriced_calls", sa.Integer, nullable=False, default=0),
+    sa.Column("prompt_tokens", sa.BigInteger, nullable=False, default=0),
+    sa.Column("completion_tokens", sa.BigInteger, nullable=False, default=0),
+    sa.Column("input_tokens", sa.BigInteger, nullable=False, default=0),
+    sa.Column("cache_write_tokens", sa.BigInteger, nullable=False, default=0),
+    sa.Column("cache_read_tokens", sa.BigInteger, nullable=False, default=0),
+    sa.Column("output_tokens", sa.BigInteger, nullable=False, default=0),
+    sa.Column("cost_usd", sa.Float(precision=53)),
+    sa.Column("latency_ms_sum", sa.Float(precision=53), nullable=False, default=0.0),
+    sa.Index("ix_cost_daily_day_feature", "day", "feature"),
+    sa.Index("ix_cost_daily_day_user", "day", "user_id"),
 )
 
 meta = sa.Table(
@@ -181,22 +210,14 @@ class Store:
         return engine
 
     def ensure_schema(self) -> None:
-        """Create the tables and indexes that do not exist yet, and record the schema version."""
+        """Create or upgrade the schema in place, once per Store; see `migrations`."""
         if self._schema_ready:
             return
         with self._schema_lock:
             if self._schema_ready:
                 return
             with self.write() as conn:
-                metadata.create_all(conn, checkfirst=True)
-                row = conn.execute(sa.select(meta.c.value).where(meta.c.key == "schema_version")).first()
-                if row is None:
-                    conn.execute(sa.insert(meta).values(key="schema_version", value=str(SCHEMA_VERSION)))
-                elif int(row[0]) > SCHEMA_VERSION:
-                    raise ConfigurationError(
-                        f"the store at {self.safe_url} has schema version {row[0]}, newer than this "
-                        f"package's {SCHEMA_VERSION}; upgrade llmcost-mw"
-                    )
+                upgrade(conn, metadata, meta, SCHEMA_VERSION, self.safe_url)
             self._schema_ready = True
 
     def write(self) -> Any:

@@ -1,0 +1,115 @@
+"""In-place schema upgrades of a store, recorded as `schema_version` in `llmcost_meta`.
+
+Versions:
+
+- 0: a `cost_events` table without `llmcost_meta`, as a plain cost logger
+  writes it (the contract columns only, `ts` possibly ISO text with a `T`).
+- 1: the first schema of this package.
+- 2: adds the `cost_daily` roll-up table.
+
+Every upgrade adds what is missing and keeps every row. It runs in one
+transaction, under the SQLite write lock or a PostgreSQL advisory lock, so
+processes starting together upgrade once.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy.engine import Connection
+
+__all__ = ["upgrade"]
+
+logger = logging.getLogger(__name__)
+
+# An arbitrary constant that names this package's schema lock in PostgreSQL.
+_ADVISORY_LOCK_KEY = 0x6C6C6D63
+
+# Defaults for NOT NULL columns added to existing rows.
+_ADDED_DEFAULTS: dict[str, str] = {
+    "status": "'ok'",
+    "unpriced": "FALSE",
+    "context_missing": "FALSE",
+    "latency_ms": "0",
+}
+
+
+def upgrade(conn: Connection, tables: Any, meta_table: sa.Table, target_version: int, url_for_logs: str) -> None:
+    """Bring the schema on `conn` to `target_version`; `tables` is the package's MetaData."""
+    if conn.dialect.name == "postgresql":
+        conn.exec_driver_sql(f"SELECT pg_advisory_xact_lock({_ADVISORY_LOCK_KEY})")
+    inspector = sa.inspect(conn)
+    existing = set(inspector.get_table_names())
+
+    if "llmcost_meta" in existing:
+        value = conn.execute(sa.select(meta_table.c.value).where(meta_table.c.key == "schema_version")).scalar()
+        version = int(value) if value is not None else 0
+    else:
+        version = 0 if "cost_events" in existing else target_version
+
+    if version > target_version:
+        from .errors import ConfigurationError
+
+        raise ConfigurationError(
+            f"the store at {url_for_logs} has schema version {version}, newer than this package's "
+            f"{target_version}; upgrade llmcost-mw"
+        )
+
+    if "cost_events" in existing and version < target_version:
+        _add_missing_columns(conn, tables.tables["cost_events"], inspector)
+        if version == 0:
+            _adopt_plain_log(conn)
+    # New tables of every version; existing tables are left alone, so their
+    # missing indexes are created one by one.
+    tables.create_all(conn, checkfirst=True)
+    if version < target_version:
+        for name in existing & set(tables.tables):
+            _add_missing_indexes(conn, tables.tables[name], inspector)
+
+    if "llmcost_meta" not in existing or version == 0:
+        conn.execute(sa.delete(meta_table).where(meta_table.c.key == "schema_version"))
+        conn.execute(sa.insert(meta_table).values(key="schema_version", value=str(target_version)))
+    elif version < target_version:
+        conn.execute(
+            sa.update(meta_table).where(meta_table.c.key == "schema_version").values(value=str(target_version))
+        )
+    if version < target_version and "cost_events" in existing:
+        logger.info("upgraded the store at %s from schema version %d to %d", url_for_logs, version, target_version)
+
+
+def _add_missing_columns(conn: Connection, table: sa.Table, inspector: Any) -> None:
+    present = {column["name"] for column in inspector.get_columns(table.name)}
+    for column in table.columns:
+        if column.name in present:
+            continue
+        ddl_type = column.type.compile(dialect=conn.dialect)
+        default = _ADDED_DEFAULTS.get(column.name)
+        if default is None and isinstance(column.type, sa.Integer):
+            default = "0"
+        clause = f" NOT NULL DEFAULT {default}" if default is not None else ""
+        conn.exec_driver_sql(f"ALTER TABLE {table.name} ADD COLUMN {column.name} {ddl_type}{clause}")
+
+
+def _add_missing_indexes(conn: Connection, table: sa.Table, inspector: Any) -> None:
+    present = {index["name"] for index in inspector.get_indexes(table.name)}
+    for index in table.indexes:
+        if index.name not in present:
+            index.create(conn)
+
+
+def _adopt_plain_log(conn: Connection) -> None:
+    """Fill the columns a plain cost logger did not have, and normalise its timestamps."""
+    key = "'legacy-' || CAST(id AS TEXT)" if conn.dialect.name == "sqlite" else "'legacy-' || id::text"
+    conn.exec_driver_sql(f"UPDATE cost_events SET event_id = {key} WHERE event_id IS NULL")
+    if conn.dialect.name == "sqlite":
+        # ISO text with a "T" and an offset compares wrongly against
+        # datetime('now', ...); store the space-separated UTC form instead.
+        conn.exec_driver_sql(
+            "UPDATE cost_events SET ts = strftime('%Y-%m-%d %H:%M:%f', ts) "
+            "WHERE ts LIKE '%T%' OR ts LIKE '%+%' OR ts LIKE '%Z'"
+        )
+        conn.exec_driver_sql("UPDATE cost_events SET unpriced = 1 WHERE cost_usd IS NULL")
+    else:
+        conn.exec_driver_sql("UPDATE cost_events SET unpriced = TRUE WHERE cost_usd IS NULL")
