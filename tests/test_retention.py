@@ -96,7 +96,7 @@ def test_report_reads_pruned_days(history):
     assert len(daily_after) == 31 * 2
     # The 7-day tables count the whole first day of the window once it is rolled up.
     users_after = dict((row[0], row[2]) for row in after.tables[1].rows)
-    assert users_after == {"u-2": "4.00", "u-1": "12.00"}
+    assert users_after == {"u-2": "4.0000", "u-1": "12.0000"}
 
 
 @pytest.mark.parametrize("days", [0, -3, 1.5], ids=["zero", "negative", "fraction"])

@@ -96,7 +96,7 @@ def build_report(store: Store, *, clock: Callable[[], datetime] = utcnow, top_us
                 (
                     _label(feature),
                     calls,
-                    _usd(cost, 2),
+                    _usd(cost, 4),
                     _usd(cost / (calls - unpriced), 4) if calls > unpriced else "-",
                     f"{tokens / calls:.0f}" if calls else "0",
                     unpriced,
@@ -107,13 +107,13 @@ def build_report(store: Store, *, clock: Callable[[], datetime] = utcnow, top_us
         Table(
             f"Top {top_users} users by cost, last 7 days",
             ("user", "calls", "total USD"),
-            [(_label(user), calls, _usd(cost, 2)) for user, (calls, cost) in user_rows],
+            [(_label(user), calls, _usd(cost, 4)) for user, (calls, cost) in user_rows],
         ),
         Table(
             "Daily cost per feature, last 30 days",
             ("day", "feature", "USD"),
             [
-                (day.isoformat(), _label(feature), _usd(totals["cost_usd"], 2))
+                (day.isoformat(), _label(feature), _usd(totals["cost_usd"], 4))
                 for (day, feature), totals in daily_rows
                 if day >= month_ago.date()
             ],
