@@ -239,7 +239,7 @@ def test_rules_file_overrides_builtin(tmp_path):
 
     rules = {rule.name: rule for rule in load_rules(path)}
 
-    assert set(rules) == {"user_hourly_spend", "feature_daily_spend", "request_cost"}
+    assert set(rules) == {"user_hourly_spend", "feature_daily_spend", "request_cost", "request_shape"}
     user_rule = rules["user_hourly_spend"]
     assert user_rule.params == {"threshold": 10.0}
     assert user_rule.cooldown_seconds == 1800

@@ -135,6 +135,12 @@ def test_version_1_upgrades_in_place(tmp_path):
         tables = {name for (name,) in conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
     assert "cost_daily" in tables
     assert old.insert_events(rows) == 0
+    assert [row["id"] for row in old.fetch_events()] == [1, 2, 3, 4, 5]
+    with sqlite3.connect(path) as conn:
+        ddl = conn.execute("SELECT sql FROM sqlite_master WHERE name = 'cost_events'").fetchone()[0]
+        indexes = {name for (name,) in conn.execute("SELECT name FROM sqlite_master WHERE type = 'index'")}
+    assert "AUTOINCREMENT" in ddl
+    assert {"ix_cost_events_ts", "uq_cost_events_response_id", "uq_cost_events_event_id"} <= indexes
 
 
 def test_upgrade_is_idempotent(tmp_path):

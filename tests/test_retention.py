@@ -11,7 +11,7 @@ from llmcost_mw.cli import main
 from llmcost_mw.errors import ConfigurationError
 from llmcost_mw.events import CostEvent
 from llmcost_mw.report import build_report
-from llmcost_mw.retention import daily_totals, prune
+from llmcost_mw.retention import daily_totals, prune, pruned_before, refresh_rollups, rolled_up_through
 from llmcost_mw.store import Store, cost_daily
 from llmcost_mw.usage import Usage
 
@@ -54,6 +54,7 @@ def test_prune_keeps_daily_totals(history):
     after = daily_totals(history, **window)
 
     # Rows span 2026-10-26 to 2026-12-04; the cutoff is 2026-11-27.
+    assert result.cutoff == datetime(2026, 11, 27)
     assert result.days == 32
     assert result.rows_deleted == 32 * 4
     assert history.count_events() == 8 * 4
@@ -79,6 +80,8 @@ def test_prune_twice_changes_nothing(history):
     totals = daily_totals(history, since=date(2026, 10, 1), until=date(2026, 12, 5))
 
     second = prune(history, older_than_days=7, clock=lambda: NOW)
+
+    assert pruned_before(history) == datetime(2026, 11, 27)
 
     assert second.rows_deleted == 0
     assert daily_totals(history, since=date(2026, 10, 1), until=date(2026, 12, 5)) == totals
@@ -113,5 +116,41 @@ def test_prune_command(tmp_path, capsys):
     code = main(["prune", "--database-url", url, "--older-than", "30"])
 
     assert code == 0
-    assert "rolled up 1 rows from 1 days" in capsys.readouterr().out
+    assert "deleted 1 rows from 1 days" in capsys.readouterr().out
     assert store.count_events() == 1
+
+
+def test_rollups_cover_complete_days_only(history):
+    days = refresh_rollups(history, clock=lambda: NOW)
+
+    assert days == 39
+    assert rolled_up_through(history) == date(2026, 12, 3)
+    assert refresh_rollups(history, clock=lambda: NOW) == 0
+    totals = daily_totals(history, since=date(2026, 12, 3), until=date(2026, 12, 5))
+    assert totals[(date(2026, 12, 4), "chat")]["calls"] == 2
+    assert totals[(date(2026, 12, 3), "chat")]["calls"] == 2
+
+
+def test_late_rows_join_their_rolled_day(history):
+    refresh_rollups(history, clock=lambda: NOW)
+    window = {"since": date(2026, 11, 1), "until": date(2026, 11, 2)}
+    before = daily_totals(history, **window)[(date(2026, 11, 1), "chat")]
+
+    # A spill file replayed a week later brings a row for a rolled-up day.
+    history.insert_events([_event(33, 3, "chat", "u-9", "2.00")])
+    refresh_rollups(history, clock=lambda: NOW)
+    after = daily_totals(history, **window)[(date(2026, 11, 1), "chat")]
+
+    assert after["calls"] == before["calls"] + 1
+    assert after["cost_usd"] == pytest.approx(before["cost_usd"] + 2.0)
+
+
+def test_late_rows_survive_prune(history):
+    prune(history, older_than_days=7, clock=lambda: NOW)
+    history.insert_events([_event(20, 3, "chat", "u-9", "2.00")])
+
+    prune(history, older_than_days=7, clock=lambda: NOW)
+    totals = daily_totals(history, since=date(2026, 11, 14), until=date(2026, 11, 15))
+
+    assert totals[(date(2026, 11, 14), "chat")] == {"calls": 3, "cost_usd": 2.75, "tokens": 510}
+    assert history.count_events() == 8 * 4

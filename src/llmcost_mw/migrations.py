@@ -6,6 +6,8 @@ Versions:
   writes it (the contract columns only, `ts` possibly ISO text with a `T`).
 - 1: the first schema of this package.
 - 2: adds the `cost_daily` roll-up table.
+- 3: SQLite ids of `cost_events` are never reused (AUTOINCREMENT), which
+  the roll-up relies on to find rows that arrive late.
 
 Every upgrade adds what is missing and keeps every row. It runs in one
 transaction, under the SQLite write lock or a PostgreSQL advisory lock, so
@@ -61,6 +63,9 @@ def upgrade(conn: Connection, tables: Any, meta_table: sa.Table, target_version:
         _add_missing_columns(conn, tables.tables["cost_events"], inspector)
         if version == 0:
             _adopt_plain_log(conn)
+        if conn.dialect.name == "sqlite":
+            _rebuild_with_autoincrement(conn, tables.tables["cost_events"], inspector)
+            inspector = sa.inspect(conn)
     # New tables of every version; existing tables are left alone, so their
     # missing indexes are created one by one.
     tables.create_all(conn, checkfirst=True)
@@ -90,6 +95,23 @@ def _add_missing_columns(conn: Connection, table: sa.Table, inspector: Any) -> N
             default = "0"
         clause = f" NOT NULL DEFAULT {default}" if default is not None else ""
         conn.exec_driver_sql(f"ALTER TABLE {table.name} ADD COLUMN {column.name} {ddl_type}{clause}")
+
+
+def _rebuild_with_autoincrement(conn: Connection, table: sa.Table, inspector: Any) -> None:
+    """Copy an SQLite table into a new one declared AUTOINCREMENT; SQLite cannot alter that in place."""
+    ddl = conn.exec_driver_sql(
+        "SELECT sql FROM sqlite_master WHERE type = 'table' AND name = ?", (table.name,)
+    ).scalar()
+    if ddl is None or "AUTOINCREMENT" in ddl.upper():
+        return
+    for index in inspector.get_indexes(table.name):
+        conn.exec_driver_sql(f'DROP INDEX "{index["name"]}"')
+    old_name = f"{table.name}_before_upgrade"
+    conn.exec_driver_sql(f"ALTER TABLE {table.name} RENAME TO {old_name}")
+    table.create(conn)
+    columns = ", ".join(column.name for column in table.columns)
+    conn.exec_driver_sql(f"INSERT INTO {table.name} ({columns}) SELECT {columns} FROM {old_name}")
+    conn.exec_driver_sql(f"DROP TABLE {old_name}")
 
 
 def _add_missing_indexes(conn: Connection, table: sa.Table, inspector: Any) -> None:

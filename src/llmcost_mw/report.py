@@ -14,7 +14,7 @@ from typing import Any
 import sqlalchemy as sa
 
 from .events import utcnow
-from .retention import daily_totals
+from .retention import daily_totals, pruned_before
 from .store import Store, cost_daily, cost_events
 
 __all__ = ["Report", "Table", "build_report", "format_report"]
@@ -45,6 +45,10 @@ def build_report(store: Store, *, clock: Callable[[], datetime] = utcnow, top_us
     now = clock()
     week_ago = now - timedelta(days=7)
     month_ago = now - timedelta(days=30)
+    # Raw rows where they still exist; daily roll-ups for pruned days.
+    pruned = pruned_before(store)
+    raw_start = max(week_ago, pruned) if pruned is not None else week_ago
+    rolled_end = pruned.date() if pruned is not None else week_ago.date()
     c = cost_events.c
     d = cost_daily.c
 
@@ -56,7 +60,7 @@ def build_report(store: Store, *, clock: Callable[[], datetime] = utcnow, top_us
             sa.func.sum(c.cost_usd),
             sa.func.sum(c.prompt_tokens + c.completion_tokens),
         )
-        .where(c.ts >= week_ago)
+        .where(c.ts >= raw_start)
         .group_by(c.feature)
     )
     rolled_features = (
@@ -67,15 +71,15 @@ def build_report(store: Store, *, clock: Callable[[], datetime] = utcnow, top_us
             sa.func.sum(d.cost_usd),
             sa.func.sum(d.prompt_tokens + d.completion_tokens),
         )
-        .where(d.day >= week_ago.date())
+        .where(d.day >= week_ago.date(), d.day < rolled_end)
         .group_by(d.feature)
     )
     raw_users = (
-        sa.select(c.user_id, sa.func.count(), sa.func.sum(c.cost_usd)).where(c.ts >= week_ago).group_by(c.user_id)
+        sa.select(c.user_id, sa.func.count(), sa.func.sum(c.cost_usd)).where(c.ts >= raw_start).group_by(c.user_id)
     )
     rolled_users = (
         sa.select(d.user_id, sa.func.sum(d.calls), sa.func.sum(d.cost_usd))
-        .where(d.day >= week_ago.date())
+        .where(d.day >= week_ago.date(), d.day < rolled_end)
         .group_by(d.user_id)
     )
 

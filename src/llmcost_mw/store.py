@@ -8,10 +8,11 @@ form `YYYY-MM-DD HH:MM:SS.ffffff`, so hand-written filters such as
 from __future__ import annotations
 
 import logging
+import operator
 import os
 import threading
-from collections.abc import Sequence
-from datetime import datetime
+from collections.abc import Callable, Sequence
+from datetime import UTC, datetime
 from typing import Any
 
 import sqlalchemy as sa
@@ -26,7 +27,7 @@ __all__ = ["DEFAULT_DATABASE_URL", "SCHEMA_VERSION", "Store", "metadata", "cost_
 logger = logging.getLogger(__name__)
 
 DEFAULT_DATABASE_URL = "sqlite:///costs.db"
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 
 metadata = sa.MetaData()
 
@@ -74,6 +75,9 @@ cost_events = sa.Table(
     # NULLs are distinct in unique indexes on both backends, so rows without a
     # response id (failed calls) never collide.
     sa.Index("uq_cost_events_response_id", "response_id", unique=True),
+    # Ids are never reused in SQLite either, even after the newest rows are
+    # deleted: the daily roll-up finds late rows by id.
+    sqlite_autoincrement=True,
 )
 
 alert_state = sa.Table(
@@ -164,7 +168,7 @@ class Store:
         self.engine = self._create_engine(parsed, busy_timeout_ms)
         self._schema_lock = threading.Lock()
         self._schema_ready = False
-        self._insert_sql: tuple[str, tuple[str, ...]] | None = None
+        self._insert_sql: tuple[str, tuple[str, ...], Callable[[dict[str, Any]], tuple[Any, ...]]] | None = None
 
     @property
     def safe_url(self) -> str:
@@ -234,17 +238,17 @@ class Store:
         """Insert rows in one transaction, skipping event or response ids already stored.
 
         Returns the number of rows inserted. The rows go to the driver's
-        `executemany` as tuples: per-row processing in Python would run on
-        the writer thread and compete with the app's threads for the GIL.
+        `executemany` as tuples built by `operator.itemgetter`: per-column
+        work in Python would run on the writer thread and compete with the
+        app's threads for the GIL. Missing keys are stored as NULL.
         """
         if not rows:
             return 0
         self.ensure_schema()
-        sql, columns = self._insert_statement()
+        sql, columns, getter = self._insert_statement()
+        values = [_row_tuple(row, getter, columns) for row in rows]
         if self.dialect == "sqlite":
-            values = [tuple(_sqlite_value(row.get(name)) for name in columns) for row in rows]
-        else:
-            values = [tuple(row.get(name) for name in columns) for row in rows]
+            values = [_sqlite_tuple(value) for value in values]
         with self.write() as conn:
             before = self._total_changes(conn)
             result = conn.exec_driver_sql(sql, values)
@@ -253,7 +257,7 @@ class Store:
             return after - before
         return result.rowcount if result.rowcount is not None and result.rowcount >= 0 else len(rows)
 
-    def _insert_statement(self) -> tuple[str, tuple[str, ...]]:
+    def _insert_statement(self) -> tuple[str, tuple[str, ...], Callable[[dict[str, Any]], tuple[Any, ...]]]:
         if self._insert_sql is None:
             columns = tuple(column.name for column in cost_events.columns if column.name != "id")
             marker = "?" if self.dialect == "sqlite" else "%s"
@@ -261,6 +265,7 @@ class Store:
                 f"INSERT INTO cost_events ({', '.join(columns)}) "
                 f"VALUES ({', '.join([marker] * len(columns))}) ON CONFLICT DO NOTHING",
                 columns,
+                operator.itemgetter(*columns),
             )
         return self._insert_sql
 
@@ -301,11 +306,26 @@ def _redact(url: str) -> str:
         return "<unparseable URL>"
 
 
-def _sqlite_value(value: Any) -> Any:
-    # The text form SQLAlchemy's DateTime uses in SQLite, which hand-written
+# Position of `ts` among the inserted columns (every column but `id`).
+_TS_INDEX = [column.name for column in cost_events.columns if column.name != "id"].index("ts")
+
+
+def _row_tuple(
+    row: dict[str, Any], getter: Callable[[dict[str, Any]], tuple[Any, ...]], columns: tuple[str, ...]
+) -> tuple[Any, ...]:
+    try:
+        return getter(row)
+    except KeyError:
+        return tuple(row.get(name) for name in columns)
+
+
+def _sqlite_tuple(values: tuple[Any, ...]) -> tuple[Any, ...]:
+    # sqlite3 binds bools as 1 and 0 already; only `ts` needs converting, to
+    # the text form SQLAlchemy's DateTime uses in SQLite, which hand-written
     # `datetime('now', ...)` comparisons rely on.
-    if isinstance(value, datetime):
-        return value.strftime("%Y-%m-%d %H:%M:%S.%f")
-    if isinstance(value, bool):
-        return int(value)
-    return value
+    ts = values[_TS_INDEX]
+    if not isinstance(ts, datetime):
+        return values
+    if ts.tzinfo is not None:
+        ts = ts.astimezone(UTC).replace(tzinfo=None)
+    return (*values[:_TS_INDEX], ts.isoformat(" ", "microseconds"), *values[_TS_INDEX + 1 :])

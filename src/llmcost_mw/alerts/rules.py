@@ -60,6 +60,7 @@ from sqlalchemy.sql.elements import TextClause
 
 from ..errors import RuleError
 from ..store import Store, metadata
+from .baseline import feature_daily_limits
 
 __all__ = [
     "CLOCK_BINDS",
@@ -73,7 +74,7 @@ __all__ = [
 ]
 
 # Binds that the watcher fills from its clock; every other bind must be a key of `params`.
-CLOCK_BINDS = frozenset({"now", "since", "day_start"})
+CLOCK_BINDS = frozenset({"now", "since", "day_start", "today", "week_start"})
 
 # Template fields that the watcher adds to each row's columns and the rule's params.
 TEMPLATE_FIELDS = frozenset({"rule", "entity", "count", "threshold", "lookback_minutes", "now"})
@@ -184,6 +185,9 @@ class Rule:
             "now": now,
             "since": now - timedelta(seconds=self.lookback_seconds),
             "day_start": datetime.combine(now.date(), time.min),
+            # Dates, for the `day` column of the daily roll-ups.
+            "today": now.date(),
+            "week_start": now.date() - timedelta(days=7),
         }
 
     def bound_sql(self, now: datetime) -> TextClause:
@@ -194,6 +198,8 @@ class Rule:
             value = values[name]
             if isinstance(value, datetime):
                 bound.append(sa.bindparam(name, value, type_=sa.DateTime))
+            elif isinstance(value, date):
+                bound.append(sa.bindparam(name, value, type_=sa.Date))
             else:
                 bound.append(sa.bindparam(name, value))
         return self.sql.bindparams(*bound)
@@ -225,7 +231,9 @@ class Rule:
             threshold = thresholds.get(row["entity"], default)
             if threshold is not None:
                 value = row.get("value")
-                if value is None or value <= threshold:
+                # The slack keeps float sums of exact cents (25 x 0.20 is
+                # 5.000000000000002) from firing at the threshold itself.
+                if value is None or value <= threshold + float(_SPEND_SLACK):
                     continue
             row["threshold"] = threshold
             kept.append(row)
@@ -304,21 +312,27 @@ def builtin_rules() -> list[Rule]:
         ),
         Rule(
             name="feature_daily_spend",
-            # TODO: compare against the feature's rolling 7-day p95 (through
-            # `entity_thresholds`) once 30 days of history exist; until then
-            # the hard ceiling is the only limit.
             sql=sa.text(
                 "SELECT feature AS entity, SUM(cost_usd) AS value, COUNT(*) AS calls\n"
                 "FROM cost_events\n"
                 "WHERE ts >= :day_start AND feature IS NOT NULL AND cost_usd IS NOT NULL\n"
-                "GROUP BY feature\n"
-                f"HAVING SUM(cost_usd) > :threshold + {_SPEND_SLACK}"
+                "GROUP BY feature"
             ),
-            params={"threshold": 50.00},
+            # `threshold` is the hard ceiling, used until a feature has
+            # `min_history_days` of history; then the limit is
+            # `baseline_factor` times the p95 of its last 7 complete days.
+            params={
+                "threshold": 50.00,
+                "baseline_factor": 1.5,
+                "baseline_percentile": 95,
+                "min_history_days": 30,
+                "min_threshold": 1.00,
+            },
+            entity_thresholds=feature_daily_limits,
             title="Feature {entity} spent ${value:.2f} today (UTC)",
             message=(
                 "Feature {entity} spent ${value:.2f} over {calls} calls since 00:00 UTC, "
-                "above the ${threshold:.2f} daily ceiling."
+                "above its ${threshold:.2f} daily limit."
             ),
             # The day window already limits it to one page per feature and day.
             cooldown_seconds=0,
@@ -365,6 +379,34 @@ def builtin_rules() -> list[Rule]:
             cooldown_seconds=86400,
             priority=3,
             tags=("warning",),
+        ),
+        Rule(
+            name="request_shape",
+            # The last hour against the last 7 complete days, from the daily
+            # roll-ups: the slow creep of a growing prompt shows up as more
+            # tokens per call, before the spend rules fire.
+            sql=sa.text(
+                "SELECT h.feature AS entity, h.avg_tokens AS value, h.calls AS calls,\n"
+                "       w.avg_tokens AS baseline_tokens\n"
+                "FROM (SELECT feature, SUM(prompt_tokens + completion_tokens) * 1.0 / COUNT(*) AS avg_tokens,\n"
+                "             COUNT(*) AS calls\n"
+                "      FROM cost_events WHERE ts >= :since AND feature IS NOT NULL\n"
+                "      GROUP BY feature HAVING COUNT(*) >= :min_calls) h\n"
+                "JOIN (SELECT feature, SUM(prompt_tokens + completion_tokens) * 1.0 / SUM(calls) AS avg_tokens\n"
+                "      FROM cost_daily WHERE day >= :week_start AND day < :today AND feature IS NOT NULL\n"
+                "      GROUP BY feature HAVING SUM(calls) > 0) w ON w.feature = h.feature\n"
+                "WHERE h.avg_tokens > :factor * w.avg_tokens"
+            ),
+            params={"factor": 3.0, "min_calls": 20},
+            title="Feature {entity}: {value:.0f} tokens per call, {factor:g}x its usual size",
+            message=(
+                "Feature {entity} averaged {value:.0f} tokens per call over {calls} calls in the last "
+                "{lookback_minutes:.0f} minutes, against {baseline_tokens:.0f} over the last 7 days. "
+                "A prompt may have grown."
+            ),
+            cooldown_seconds=6 * 3600,
+            priority=3,
+            tags=("straight_ruler",),
         ),
     ]
 

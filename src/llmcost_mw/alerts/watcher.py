@@ -35,6 +35,7 @@ from sqlalchemy.engine import Connection
 
 from ..errors import ConfigurationError, LLMCostError
 from ..events import utcnow
+from ..retention import refresh_rollups
 from ..store import Store, alert_outbox, alert_state
 from .rules import Rule
 
@@ -191,6 +192,11 @@ class Watcher:
             return []
 
         now = self._now()
+        try:
+            # Baselines read the daily roll-ups; this adds the days that ended since the last pass.
+            refresh_rollups(self.store, clock=lambda: now)
+        except sa.exc.SQLAlchemyError as exc:
+            logger.error("refreshing the daily roll-ups failed; baselines use what is there: %s", exc)
         alerts: list[Alert] = []
         for rule in self.rules:
             if stop_event.is_set():
