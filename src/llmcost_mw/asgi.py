@@ -65,6 +65,14 @@ def _lifespan_send(send: Any) -> Any:
     return send_and_hook
 
 
+def _notify_complete(callback: Callable[[Attribution], object], attribution: Attribution) -> None:
+    try:
+        callback(attribution)
+    except Exception:
+        # The response is already sent; a failing callback must not turn it into an error.
+        logger.exception("the on_complete callback passed to the llmcost middleware failed")
+
+
 class LLMCostMiddleware:
     """Sets the user, feature and request id that LLM calls in a request are billed to.
 
@@ -78,6 +86,13 @@ class LLMCostMiddleware:
             feature name, or None to fall back to the route template.
         request_id_header: a header that carries the request id; without it
             an id is generated.
+        on_complete: called with the request's `Attribution` once the
+            request has ended: after the response is sent and its background
+            tasks have run, or after the app raised. It reads the final
+            values, including a feature or user that the endpoint set with
+            `set_attribution`. The attribution is closed by then, so LLM
+            calls made inside the callback are not billed to the request.
+            An exception from it is logged, not raised.
     """
 
     def __init__(
@@ -88,6 +103,7 @@ class LLMCostMiddleware:
         user_header: str | None = None,
         feature: Resolver | None = None,
         request_id_header: str | None = "x-request-id",
+        on_complete: Callable[[Attribution], object] | None = None,
     ) -> None:
         if user_id is not None and user_header is not None:
             raise ValueError("pass either user_id= or user_header=, not both")
@@ -96,6 +112,7 @@ class LLMCostMiddleware:
         self.user_header = user_header.lower().encode("latin-1") if user_header else None
         self.feature_resolver = feature
         self.request_id_header = request_id_header.lower().encode("latin-1") if request_id_header else None
+        self.on_complete = on_complete
 
     async def __call__(self, scope: Scope, receive: Any, send: Any) -> None:
         if scope["type"] == "lifespan":
@@ -117,6 +134,8 @@ class LLMCostMiddleware:
         finally:
             attribution.closed = True
             _current.reset(token)
+            if self.on_complete is not None:
+                _notify_complete(self.on_complete, attribution)
 
     @staticmethod
     def _header(scope: Scope, name: bytes | None) -> str | None:

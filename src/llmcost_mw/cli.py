@@ -1,4 +1,4 @@
-"""The `llmcost` command: demo, report, watch and prices.
+"""The `llmcost` command: demo, report, watch, prices and exporter.
 
 Environment variables are read here and nowhere else in the package:
 LLMCOST_DATABASE_URL (default sqlite:///costs.db), LLMCOST_NTFY_URL,
@@ -74,7 +74,10 @@ def _cmd_watch(args: argparse.Namespace) -> int:
     from .alerts import NtfyNotifier, Watcher, builtin_rules, load_rules
 
     interval = _poll_seconds(args)
-    rules = load_rules(args.rules) if args.rules else builtin_rules()
+    store = Store(_database_url(args))
+    # Rules from a file are checked against the store they will run on, so
+    # SQL that only PostgreSQL understands is accepted there.
+    rules = load_rules(args.rules, store=store) if args.rules else builtin_rules()
     ntfy_url = os.environ.get("LLMCOST_NTFY_URL")
     notifier = None
     if ntfy_url:
@@ -84,7 +87,6 @@ def _cmd_watch(args: argparse.Namespace) -> int:
             "LLMCOST_NTFY_URL is not set: set it to your ntfy topic URL (e.g. https://ntfy.sh/<topic>), "
             "or pass --dry-run to print alerts instead of sending them"
         )
-    store = Store(_database_url(args))
     watcher = Watcher(store, rules, notifier, interval_seconds=interval, dry_run=args.dry_run)
     if args.once:
         watcher.run_once()
@@ -102,10 +104,49 @@ def _cmd_watch(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_exporter(args: argparse.Namespace) -> int:
+    from sqlalchemy.exc import SQLAlchemyError
+
+    from .exporter import StoreCollector, serve_exporter
+
+    if not 0 <= args.port <= 65535:
+        raise ConfigurationError(
+            f"invalid port {args.port}: give a TCP port from 1 to 65535, or 0 for any free port"
+        )
+    store = Store(_database_url(args))
+    collector = StoreCollector(store, max_features=args.max_features, max_models=args.max_models)
+    stop = threading.Event()
+
+    def request_stop(signum: int, _frame: object) -> None:
+        logger.info("received signal %d, stopping", signum)
+        stop.set()
+
+    signal.signal(signal.SIGTERM, request_stop)
+    signal.signal(signal.SIGINT, request_stop)
+    try:
+        serve_exporter(store, host=args.host, port=args.port, stop=stop, collector=collector)
+    except OSError as exc:
+        raise ConfigurationError(f"cannot listen on {args.host}:{args.port}: {exc.strerror or exc}") from exc
+    except SQLAlchemyError as exc:
+        raise LLMCostError(f"reading the store {store.safe_url} failed: {exc}") from exc
+    return 0
+
+
+def _cmd_prune(args: argparse.Namespace) -> int:
+    from .retention import prune
+
+    result = prune(Store(_database_url(args)), older_than_days=args.older_than)
+    print(
+        f"deleted {result.rows_deleted} rows from {result.days} days before {result.cutoff:%Y-%m-%d}; "
+        "their daily totals stay in cost_daily"
+    )
+    return 0
+
+
 def _cmd_demo(args: argparse.Namespace) -> int:
     from .demo.run import run_demo
 
-    return run_demo(database_path=args.database, app=args.app, keep=args.keep)
+    return run_demo(database_path=args.database, app=args.app, keep=args.keep, server=args.server)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -122,7 +163,13 @@ def build_parser() -> argparse.ArgumentParser:
         "--database", default="llmcost-demo.db", help="SQLite file for the demo, recreated on each run"
     )
     demo.add_argument(
-        "--app", default="examples.fastapi_app.app:app", help="ASGI app to serve, as module:attribute"
+        "--app", default="examples.fastapi_app.app:app", help="ASGI or WSGI app to serve, as module:attribute"
+    )
+    demo.add_argument(
+        "--server",
+        choices=("uvicorn", "gunicorn"),
+        help="server for the app: uvicorn for ASGI apps, gunicorn (1 worker, 4 threads) for WSGI apps "
+        "(default: gunicorn for apps in examples.flask_app, uvicorn otherwise)",
     )
     demo.add_argument("--keep", action="store_true", help="keep the rows of earlier demo runs")
     demo.set_defaults(handler=_cmd_demo)
@@ -142,12 +189,40 @@ def build_parser() -> argparse.ArgumentParser:
     watch.add_argument("--dry-run", action="store_true", help="print alerts instead of sending them")
     watch.set_defaults(handler=_cmd_watch)
 
+    prune = commands.add_parser(
+        "prune", help="roll old rows up into daily totals per feature, user and model, then delete them"
+    )
+    _add_database_option(prune)
+    prune.add_argument(
+        "--older-than", type=int, required=True, metavar="DAYS",
+        help="prune the UTC days that ended more than DAYS days ago",
+    )
+    prune.set_defaults(handler=_cmd_prune)
+
     prices = commands.add_parser("prices", help="list the price table with each row's source and check date")
     prices.add_argument("--file", help="price table TOML file (default: the bundled table)")
     prices.add_argument(
         "--compare", action="store_true", help="list models whose prices differ from genai-prices"
     )
     prices.set_defaults(handler=_cmd_prices)
+
+    exporter = commands.add_parser(
+        "exporter", help="serve Prometheus metrics computed from the store, for any process layout"
+    )
+    _add_database_option(exporter)
+    exporter.add_argument(
+        "--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1, this machine only)"
+    )
+    exporter.add_argument("--port", type=int, default=9466, help="TCP port to listen on (default: 9466)")
+    exporter.add_argument(
+        "--max-features", type=int, default=100,
+        help="distinct feature label values before new ones are counted as 'other' (default: 100)",
+    )
+    exporter.add_argument(
+        "--max-models", type=int, default=100,
+        help="distinct model label values before new ones are counted as 'other' (default: 100)",
+    )
+    exporter.set_defaults(handler=_cmd_exporter)
     return parser
 
 

@@ -8,10 +8,13 @@ Outside HTTP (jobs, scripts), `attribute(...)` opens the same scope by hand.
 
 from __future__ import annotations
 
+import contextvars
 import functools
 import inspect
+import threading
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Mapping
+from concurrent.futures import Executor, Future, ProcessPoolExecutor
 from contextvars import ContextVar, Token
 from dataclasses import dataclass
 from typing import Any, TypeVar
@@ -23,9 +26,12 @@ __all__ = [
     "capture",
     "current_attribution",
     "set_attribution",
+    "start_thread",
+    "submit",
 ]
 
 F = TypeVar("F", bound=Callable[..., Any])
+T = TypeVar("T")
 
 _UNSET: Any = object()
 
@@ -36,7 +42,7 @@ class Attribution:
     The user and feature can be given as values or as resolvers: callables
     that are evaluated each time a call is captured. Resolvers let the
     middleware read a user that authentication sets after routing, and the
-    route template that Starlette only knows once the router has matched.
+    route template that Starlette sets only once the router has matched.
     """
 
     __slots__ = ("_user_id", "_feature", "_request_id", "user_resolver", "feature_resolver", "closed")
@@ -61,8 +67,11 @@ class Attribution:
 
     @property
     def user_id(self) -> str | None:
-        if self._user_id is None and self.user_resolver is not None:
-            return _stringify(self.user_resolver())
+        # The resolver is read once: another thread may replace it with None
+        # (set_attribution) between a check and a call.
+        resolver = self.user_resolver
+        if self._user_id is None and resolver is not None:
+            return _stringify(resolver())
         return self._user_id
 
     @user_id.setter
@@ -71,8 +80,9 @@ class Attribution:
 
     @property
     def feature(self) -> str | None:
-        if self._feature is None and self.feature_resolver is not None:
-            return _stringify(self.feature_resolver())
+        resolver = self.feature_resolver
+        if self._feature is None and resolver is not None:
+            return _stringify(resolver())
         return self._feature
 
     @feature.setter
@@ -171,6 +181,48 @@ def set_attribution(*, user_id: Any = _UNSET, feature: Any = _UNSET) -> None:
     if feature is not _UNSET:
         attribution.feature = _stringify(feature)
         attribution.feature_resolver = None
+
+
+def submit(executor: Executor, fn: Callable[..., T], /, *args: Any, **kwargs: Any) -> Future[T]:
+    """Submit `fn(*args, **kwargs)` to a thread pool, run in a copy of the caller's context.
+
+    A plain `executor.submit` runs the function in the worker thread's own
+    context, so its LLM calls are recorded with no attribution. This helper
+    copies the context the way `asyncio.to_thread` does: the calls are billed
+    to the current request or job, until that scope ends.
+
+    Raises TypeError for a `ProcessPoolExecutor`, because a context cannot be
+    sent to another process.
+    """
+    if isinstance(executor, ProcessPoolExecutor):
+        raise TypeError(
+            "submit() cannot copy the attribution context into another process: pass the user and "
+            "feature as arguments and open `llmcost_mw.attribute(...)` inside the worker function"
+        )
+    context = contextvars.copy_context()
+    return executor.submit(context.run, fn, *args, **kwargs)
+
+
+def start_thread(
+    target: Callable[..., object],
+    args: Iterable[Any] = (),
+    kwargs: Mapping[str, Any] | None = None,
+    *,
+    name: str | None = None,
+    daemon: bool | None = None,
+) -> threading.Thread:
+    """Start a `threading.Thread` that runs `target` in a copy of the caller's context.
+
+    The arguments are those of `threading.Thread`. A thread started directly
+    begins with an empty context (CPython 3.11), so its LLM calls are
+    recorded with `context_missing` set. Returns the started thread.
+    """
+    context = contextvars.copy_context()
+    thread = threading.Thread(
+        target=context.run, args=(target, *args), kwargs=dict(kwargs or {}), name=name, daemon=daemon
+    )
+    thread.start()
+    return thread
 
 
 class attribute:

@@ -1,14 +1,16 @@
 """`llmcost demo`: the whole loop offline, on this machine only.
 
-Starts a local fake Messages API and a local ntfy receiver on 127.0.0.1,
-serves the example FastAPI app with uvicorn in a child process pointed at the
-fake API, drives traffic through it (one user who loops, one request over
-$0.50, a tool-use loop, streamed chat), stops the app so that it writes its
-queue, runs one watcher pass, and prints the notifications and the report.
+Starts a local fake Messages API and a local ntfy receiver on 127.0.0.1.
+Serves the example app in a child process pointed at the fake API: the
+FastAPI app with uvicorn, or the Flask app with gunicorn. Drives traffic
+through it (one user who loops, one request over $0.50, a tool-use loop,
+streamed chat), stops the app so that it writes its queue, runs one watcher
+pass, and prints the notifications and the report.
 """
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import signal
 import socket
@@ -41,9 +43,22 @@ LOOPING_DOCUMENT = "quarterly figures and notes " * 7_143
 LARGE_DOCUMENT = "a long contract clause " * 19_131
 LOOP_REQUESTS = 40
 
+SERVERS = ("uvicorn", "gunicorn")
+# A WSGI app needs a WSGI server; these example modules are served with gunicorn by default.
+WSGI_EXAMPLE_PACKAGE = "examples.flask_app"
 
-def run_demo(*, database_path: str = "llmcost-demo.db", app: str = "examples.fastapi_app.app:app", keep: bool = False) -> int:
+
+def run_demo(
+    *,
+    database_path: str = "llmcost-demo.db",
+    app: str = "examples.fastapi_app.app:app",
+    keep: bool = False,
+    server: str | None = None,
+) -> int:
+    """Run the demo; `server` is "uvicorn" or "gunicorn", or None to choose from `app`."""
     app_root = _find_app_root(app)
+    server_name = server or default_server(app)
+    _check_server(server_name)
     database = Path(database_path).resolve()
     if not keep:
         for suffix in ("", "-wal", "-shm", ".spill.jsonl"):
@@ -53,11 +68,11 @@ def run_demo(*, database_path: str = "llmcost-demo.db", app: str = "examples.fas
     with FakeAnthropicAPI() as fake_api, NtfyReceiver() as receiver:
         port = _free_port()
         _say(f"fake Anthropic API on {fake_api.base_url}; ntfy receiver on {receiver.url}")
-        server = _start_app(app, app_root, port, fake_api.base_url, database_url)
+        server = _start_app(app, app_root, port, fake_api.base_url, database_url, server_name)
         try:
             base = f"http://127.0.0.1:{port}"
             _wait_until_up(base, server)
-            _say(f"example app serving on {base} (uvicorn, pid {server.pid})")
+            _say(f"example app serving on {base} ({server_name}, pid {server.pid})")
             metrics_line = _drive_traffic(base)
         finally:
             _stop_app(server)
@@ -74,6 +89,23 @@ def run_demo(*, database_path: str = "llmcost-demo.db", app: str = "examples.fas
         store.dispose()
     _say(f"try: llmcost report --database-url {database_url}")
     return 0
+
+
+def default_server(app: str) -> str:
+    """Return "gunicorn" for an app in the Flask example package, else "uvicorn"."""
+    module = app.partition(":")[0]
+    if module == WSGI_EXAMPLE_PACKAGE or module.startswith(WSGI_EXAMPLE_PACKAGE + "."):
+        return "gunicorn"
+    return "uvicorn"
+
+
+def _check_server(server: str) -> None:
+    if server not in SERVERS:
+        raise ConfigurationError(f"invalid server {server!r}: use one of {', '.join(SERVERS)}")
+    if importlib.util.find_spec(server) is None:
+        raise ConfigurationError(
+            f"{server} is not installed: install it (pip install {server}) or choose the other --server"
+        )
 
 
 def _find_app_root(app: str) -> Path:
@@ -96,7 +128,9 @@ def _free_port() -> int:
         return int(probe.getsockname()[1])
 
 
-def _start_app(app: str, app_root: Path, port: int, api_url: str, database_url: str) -> subprocess.Popen[bytes]:
+def _start_app(
+    app: str, app_root: Path, port: int, api_url: str, database_url: str, server: str = "uvicorn"
+) -> subprocess.Popen[bytes]:
     env = dict(os.environ)
     env.update(
         ANTHROPIC_BASE_URL=api_url,
@@ -108,10 +142,18 @@ def _start_app(app: str, app_root: Path, port: int, api_url: str, database_url: 
     for name in ("ANTHROPIC_AUTH_TOKEN", "HTTPS_PROXY", "HTTP_PROXY", "https_proxy", "http_proxy"):
         env.pop(name, None)
     env["NO_PROXY"] = "127.0.0.1,localhost"
-    command = [
-        sys.executable, "-m", "uvicorn", app,
-        "--host", "127.0.0.1", "--port", str(port), "--log-level", "warning",
-    ]
+    if server == "gunicorn":
+        # Several threads in one worker: the case where a request must not
+        # inherit the attribution of the one before it on the same thread.
+        command = [
+            sys.executable, "-m", "gunicorn", "--workers", "1", "--threads", "4",
+            "--bind", f"127.0.0.1:{port}", "--log-level", "warning", app,
+        ]
+    else:
+        command = [
+            sys.executable, "-m", "uvicorn", app,
+            "--host", "127.0.0.1", "--port", str(port), "--log-level", "warning",
+        ]
     return subprocess.Popen(command, cwd=app_root, env=env)
 
 
@@ -123,14 +165,17 @@ def _wait_until_up(base: str, server: subprocess.Popen[bytes]) -> None:
         try:
             if requests.get(f"{base}/healthz", timeout=1).ok:
                 return
-        except requests.ConnectionError:
+        # gunicorn accepts connections before its worker has imported the
+        # app, so a probe may time out instead of being refused.
+        except (requests.ConnectionError, requests.Timeout):
             pass
         time.sleep(0.1)
     raise ConfigurationError(f"the example app did not answer on {base} within {STARTUP_TIMEOUT_SECONDS:.0f} s")
 
 
 def _stop_app(server: subprocess.Popen[bytes]) -> None:
-    # SIGTERM: uvicorn shuts down cleanly and the recorder writes its queue at exit.
+    # SIGTERM: uvicorn shuts down cleanly, and gunicorn's worker exits
+    # normally; either way the recorder writes its queue before the process ends.
     if server.poll() is None:
         server.send_signal(signal.SIGTERM)
     try:
