@@ -23,25 +23,53 @@ _GENAI_FIELDS = {
 
 
 def format_price_table(book: PriceBook) -> str:
-    """Render every row with its rates (USD per million tokens), source and check date."""
-    lines = [
-        f"price table version {book.version}; USD per million tokens; "
-        f"batch multiplier {book.batch_discount}; web search {book.web_search_usd} USD per request",
-        "",
-    ]
+    """Render every row with its rates (USD per million tokens), source and check date.
+
+    The table-wide values (batch multiplier, server tool fees, US-only
+    inference multiplier) come first, each with its own source and check date.
+    """
+    lines = [f"price table version {book.version}; USD per million tokens", ""]
+    lines.append(f"batch multiplier {_plain(book.batch_discount)} on every token bucket")
+    lines.extend(_table_source(book, "batch"))
+    lines.append(
+        f"server tools: web search {_plain(book.web_search_usd)} USD per request, "
+        f"web fetch {_plain(book.web_fetch_usd)} USD per request"
+    )
+    lines.extend(_table_source(book, "server_tools"))
+    if book.us_geo_models:
+        multiplier = _plain(book.us_geo_multiplier)
+        lines.append(f"US-only inference (usage.inference_geo = us): every token price x{multiplier} on")
+        lines.append(f"  {', '.join(sorted(book.us_geo_models))}")
+        lines.extend(_table_source(book, "inference_geo"))
+    lines.append("")
     for row in book.models:
-        rates = " ".join(f"{name}={_plain(getattr(row.rates, name))}" for name in _COLUMNS)
         status = f" (retired {row.retired})" if row.retired else ""
         lines.append(f"{row.id}{status}")
         if row.aliases:
             lines.append(f"  aliases: {', '.join(row.aliases)}")
-        lines.append(f"  {rates}")
+        lines.append(f"  {_rates_text(row.rates)}")
         if row.long_context_rates is not None:
-            long_rates = " ".join(f"{name}={_plain(getattr(row.long_context_rates, name))}" for name in _COLUMNS)
-            lines.append(f"  above {row.long_context_threshold} prompt tokens: {long_rates}")
+            lines.append(
+                f"  above {row.long_context_threshold} prompt tokens: {_rates_text(row.long_context_rates)}"
+            )
         lines.append(f"  source: {row.source}")
         lines.append(f"  checked: {row.checked}")
+        if row.fast_mode_rates is not None:
+            lines.append(f"  fast mode (usage.speed = fast): {_rates_text(row.fast_mode_rates)}")
+            lines.append(f"    source: {row.fast_mode_source}")
+            lines.append(f"    checked: {row.fast_mode_checked}")
     return "\n".join(lines) + "\n"
+
+
+def _rates_text(rates: BucketRates) -> str:
+    return " ".join(f"{name}={_plain(getattr(rates, name))}" for name in _COLUMNS)
+
+
+def _table_source(book: PriceBook, table: str) -> list[str]:
+    where = book.table_sources.get(table)
+    if where is None:
+        return ["  source: (none)", "  checked: (none)"]
+    return [f"  source: {where.source or '(none)'}", f"  checked: {where.checked or '(none)'}"]
 
 
 def compare_with_genai_prices(book: PriceBook) -> tuple[str, int]:

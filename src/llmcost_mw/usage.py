@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import functools
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -27,6 +28,14 @@ class Usage:
     web_search_requests: int = 0
     web_fetch_requests: int = 0
     service_tier: str | None = None
+    # `usage.speed` ("standard" or "fast") and `usage.inference_geo` (such as
+    # "us"), which select fast-mode prices and the US-only inference multiplier.
+    speed: str | None = None
+    inference_geo: str | None = None
+    # The share of the buckets above that came from `compaction` iterations.
+    # It is kept apart so that a streamed `message_delta`, whose top-level
+    # fields exclude it, can replace the top-level values without losing it.
+    compaction: Usage | None = None
     # Flags about how the numbers were derived, stored on the row.
     flags: frozenset[str] = field(default_factory=frozenset)
 
@@ -43,12 +52,49 @@ class Usage:
         return self.output_tokens
 
 
+# Buckets that a compaction iteration reports and that are summed into the totals.
+_COMPACTION_BUCKETS = (
+    "input_tokens",
+    "cache_write_5m_tokens",
+    "cache_write_1h_tokens",
+    "cache_read_tokens",
+    "output_tokens",
+)
+
+
 def _get(source: Any, name: str) -> Any:
     if source is None:
         return None
+    if isinstance(source, dict):
+        return source.get(name)
+    # The SDK's pydantic models keep fields in `__dict__` and unknown fields
+    # in `__pydantic_extra__`. Reading both directly skips pydantic's
+    # `__getattr__`, which raises AttributeError for an absent field: a few
+    # microseconds per miss in a local timeit run, on every call.
+    fields = getattr(source, "__dict__", None)
+    if fields is not None and name in fields:
+        return fields[name]
+    extra = getattr(source, "__pydantic_extra__", None)
+    if isinstance(extra, dict):
+        return extra.get(name)
     if isinstance(source, Mapping):
         return source.get(name)
     return getattr(source, name, None)
+
+
+def _reader(source: Any) -> Callable[[str], Any]:
+    """Return a function that reads one field of `source`, like `_get` but cheaper per field.
+
+    For a dict or a pydantic model without unknown fields, it is a bound
+    `dict.get`, with no Python frame per field.
+    """
+    if isinstance(source, dict):
+        return source.get
+    fields = getattr(source, "__dict__", None)
+    extra = getattr(source, "__pydantic_extra__", None)
+    if fields is not None and extra == {}:
+        return fields.get
+    return functools.partial(_get, source)
 
 
 def _count(value: Any) -> int:
@@ -60,40 +106,111 @@ def _count(value: Any) -> int:
     return count
 
 
+def _cache_writes(get: Callable[[str], Any], flags: set[str]) -> tuple[int, int]:
+    """Split the cache writes of the usage that `get` reads into 5-minute and 1-hour tokens.
+
+    Without a `cache_creation` breakdown that adds up, every write is taken
+    as a 5-minute write (the cheaper rate), and `cache_ttl_unknown` or
+    `cache_breakdown_mismatch` is added to `flags`.
+    """
+    cache_write_total = _count(get("cache_creation_input_tokens"))
+    breakdown = get("cache_creation")
+    write_5m = _count(_get(breakdown, "ephemeral_5m_input_tokens"))
+    write_1h = _count(_get(breakdown, "ephemeral_1h_input_tokens"))
+    if breakdown is not None and write_5m + write_1h == cache_write_total:
+        return write_5m, write_1h
+    if cache_write_total and breakdown is not None:
+        flags.add("cache_breakdown_mismatch")
+    elif cache_write_total:
+        flags.add("cache_ttl_unknown")
+    return cache_write_total, 0
+
+
 def usage_from_anthropic(usage: Any) -> Usage:
-    """Normalise an Anthropic `Usage` object, or its JSON dict, into buckets.
+    """Normalise an Anthropic `Usage` or `BetaUsage` object, or its JSON dict, into buckets.
 
     The `cache_creation` breakdown gives the 5-minute and 1-hour cache writes.
     When it is missing, all writes are taken as 5-minute writes (the cheaper
-    rate) and the row is flagged `cache_ttl_unknown`.
+    rate) and the row is flagged `cache_ttl_unknown`. Tokens of `compaction`
+    iterations are added to the buckets, because the API leaves them out of
+    the top-level fields although they are billed.
     """
+    get = _reader(usage)
     flags: set[str] = set()
-    cache_write_total = _count(_get(usage, "cache_creation_input_tokens"))
-    breakdown = _get(usage, "cache_creation")
-    write_5m = _count(_get(breakdown, "ephemeral_5m_input_tokens"))
-    write_1h = _count(_get(breakdown, "ephemeral_1h_input_tokens"))
-    if breakdown is None or write_5m + write_1h != cache_write_total:
-        if cache_write_total and breakdown is not None:
-            flags.add("cache_breakdown_mismatch")
-        elif cache_write_total:
-            flags.add("cache_ttl_unknown")
-        write_5m, write_1h = cache_write_total, 0
-
-    server_tools = _get(usage, "server_tool_use")
-    details = _get(usage, "output_tokens_details")
-    tier = _get(usage, "service_tier")
-    return Usage(
-        input_tokens=_count(_get(usage, "input_tokens")),
+    write_5m, write_1h = _cache_writes(get, flags)
+    server_tools = get("server_tool_use")
+    details = get("output_tokens_details")
+    tier = get("service_tier")
+    speed = get("speed")
+    geo = get("inference_geo")
+    if speed is not None:
+        speed = str(speed)
+        if speed == "fast":
+            flags.add("fast_mode")
+    if geo is not None:
+        geo = str(geo)
+        if geo == "us":
+            flags.add("inference_geo_us")
+    top_level = Usage(
+        input_tokens=_count(get("input_tokens")),
         cache_write_5m_tokens=write_5m,
         cache_write_1h_tokens=write_1h,
-        cache_read_tokens=_count(_get(usage, "cache_read_input_tokens")),
-        output_tokens=_count(_get(usage, "output_tokens")),
+        cache_read_tokens=_count(get("cache_read_input_tokens")),
+        output_tokens=_count(get("output_tokens")),
         reasoning_tokens=_count(_get(details, "thinking_tokens")),
         web_search_requests=_count(_get(server_tools, "web_search_requests")),
         web_fetch_requests=_count(_get(server_tools, "web_fetch_requests")),
         service_tier=str(tier) if tier is not None else None,
+        speed=speed,
+        inference_geo=geo,
         flags=frozenset(flags),
     )
+    return _with_compaction(top_level, _compaction_usage(get("iterations")))
+
+
+def _compaction_usage(iterations: Any) -> Usage | None:
+    """Sum the buckets of the `compaction` entries of `usage.iterations`, or None when there are none.
+
+    Other entry types are ignored: `message` entries are already inside the
+    top-level fields.
+    """
+    # NOTE: `advisor_message` and `fallback_message` entries are ignored too.
+    # The SDK (anthropic 2.17.0) documents only compaction tokens as missing
+    # from the top-level fields, and advisor tokens come from another model
+    # whose price this row cannot name.
+    if not iterations:
+        return None
+    entries = [entry for entry in iterations if _get(entry, "type") == "compaction"]
+    if not entries:
+        return None
+    flags: set[str] = set()
+    writes = [_cache_writes(_reader(entry), flags) for entry in entries]
+    return Usage(
+        input_tokens=sum(_count(_get(entry, "input_tokens")) for entry in entries),
+        cache_write_5m_tokens=sum(write_5m for write_5m, _write_1h in writes),
+        cache_write_1h_tokens=sum(write_1h for _write_5m, write_1h in writes),
+        cache_read_tokens=sum(_count(_get(entry, "cache_read_input_tokens")) for entry in entries),
+        output_tokens=sum(_count(_get(entry, "output_tokens")) for entry in entries),
+        flags=frozenset(flags),
+    )
+
+
+def _with_compaction(top_level: Usage, compaction: Usage | None) -> Usage:
+    """Add the compaction buckets to top-level usage that does not include them yet."""
+    if compaction is None:
+        return top_level
+    summed = {name: getattr(top_level, name) + getattr(compaction, name) for name in _COMPACTION_BUCKETS}
+    flags = top_level.flags | compaction.flags | {"compaction"}
+    return replace(top_level, **summed, compaction=compaction, flags=flags)
+
+
+def _without_compaction(usage: Usage) -> Usage:
+    """Return the top-level part of usage built by `_with_compaction`."""
+    compaction = usage.compaction
+    if compaction is None:
+        return usage
+    remaining = {name: getattr(usage, name) - getattr(compaction, name) for name in _COMPACTION_BUCKETS}
+    return replace(usage, **remaining, compaction=None, flags=usage.flags - {"compaction"})
 
 
 def merge_anthropic_delta(start: Usage, delta: Any) -> Usage:
@@ -102,8 +219,11 @@ def merge_anthropic_delta(start: Usage, delta: Any) -> Usage:
     Delta values are cumulative totals, so each field that is present replaces
     the earlier value; nothing is added. The delta carries no TTL split of the
     cache writes, so a changed write total keeps the start's split only when
-    it still adds up.
+    it still adds up. Compaction tokens are kept apart while the top-level
+    fields are replaced, then added back: from the delta's `iterations` when
+    it has them, else from the start.
     """
+    base = _without_compaction(start)
     changes: dict[str, Any] = {}
     output = _get(delta, "output_tokens")
     if output is not None:
@@ -115,10 +235,10 @@ def merge_anthropic_delta(start: Usage, delta: Any) -> Usage:
     if reads is not None:
         changes["cache_read_tokens"] = _count(reads)
     writes = _get(delta, "cache_creation_input_tokens")
-    if writes is not None and _count(writes) != start.cache_write_tokens:
+    if writes is not None and _count(writes) != base.cache_write_tokens:
         changes["cache_write_5m_tokens"] = _count(writes)
         changes["cache_write_1h_tokens"] = 0
-        changes["flags"] = start.flags | {"cache_ttl_unknown"}
+        changes["flags"] = base.flags | {"cache_ttl_unknown"}
     details = _get(delta, "output_tokens_details")
     if details is not None:
         changes["reasoning_tokens"] = _count(_get(details, "thinking_tokens"))
@@ -126,4 +246,8 @@ def merge_anthropic_delta(start: Usage, delta: Any) -> Usage:
     if server_tools is not None:
         changes["web_search_requests"] = _count(_get(server_tools, "web_search_requests"))
         changes["web_fetch_requests"] = _count(_get(server_tools, "web_fetch_requests"))
-    return replace(start, **changes) if changes else start
+    merged = replace(base, **changes) if changes else base
+
+    iterations = _get(delta, "iterations")
+    compaction = _compaction_usage(iterations) if iterations is not None else start.compaction
+    return _with_compaction(merged, compaction)

@@ -14,6 +14,12 @@ Three hooks cover every billable path:
 - `JSONLDecoder.__decode__`: Message Batches results, which bypass `request()`
   parsing and carry one usage per succeeded line.
 
+Two smaller hooks close the gaps between them. `Stream.close` and
+`AsyncStream.close` record a stream that its caller closes before it ends.
+A raw response whose body is still unread when `request()` returns
+(`with_streaming_response`, or `with_raw_response` of a stream) gets
+per-instance wrappers on `read` and `close`.
+
 These are private SDK attributes; `patch()` checks that they exist and
 raises with the supported version range when they do not.
 """
@@ -39,16 +45,32 @@ SUPPORTED_VERSIONS = ">=2.17,<3"
 
 _MESSAGE_PATHS = frozenset({"/v1/messages", "/v1/messages?beta=true"})
 _CALL_ATTRIBUTE = "_llmcost_call"
+_USAGE_UNKNOWN = frozenset({"usage_unknown"})
 
 _tracker: Tracker | None = None
 _originals: dict[tuple[type, str], Any] = {}
 _provider_by_class: dict[type, str] = {}
+# SDK classes that `_settle` checks results against. `patch()` sets them, so
+# that the per-call path runs no import statement.
+_stream_classes: tuple[type[Any], ...] = ()
+_raw_response_classes: tuple[type[Any], ...] = ()
 
 
 class _Call:
     """One logical Messages API call, from `request()` to its final status."""
 
-    __slots__ = ("provider", "request_model", "attribution", "started", "finished", "usage", "model", "response_id")
+    __slots__ = (
+        "provider",
+        "request_model",
+        "attribution",
+        "started",
+        "finished",
+        "tapped",
+        "usage",
+        "model",
+        "response_id",
+        "flags",
+    )
 
     def __init__(self, provider: str, request_model: str, attribution: AttributionSnapshot) -> None:
         self.provider = provider
@@ -56,11 +78,22 @@ class _Call:
         self.attribution = attribution
         self.started = time.perf_counter()
         self.finished = False
+        # Set once the stream hook runs for this call. From then on, the hook
+        # alone decides the final status.
+        self.tapped = False
         self.usage: Usage | None = None
         self.model: str | None = None
         self.response_id: str | None = None
+        self.flags: frozenset[str] = frozenset()
 
-    def finish(self, status: str, *, error: BaseException | None = None, batch: bool = False) -> None:
+    def finish(
+        self,
+        status: str,
+        *,
+        error: BaseException | None = None,
+        batch: bool = False,
+        flags: frozenset[str] = frozenset(),
+    ) -> None:
         """Record the call once; later calls are ignored."""
         if self.finished:
             return
@@ -83,6 +116,7 @@ class _Call:
                 latency_ms=(time.perf_counter() - self.started) * 1000,
                 context_missing=self.attribution.context_missing,
                 batch=batch,
+                flags=self.flags | flags,
             )
             tracker.track(event)
         except UnpricedModelError:
@@ -101,11 +135,27 @@ class _Call:
     def absorb_message(self, message: Any) -> None:
         """Take usage, id and model from a `Message` object or its JSON dict."""
         get = message.get if isinstance(message, dict) else functools.partial(getattr, message)
-        usage = get("usage", None)
-        if usage is not None:
-            self.usage = usage_from_anthropic(usage)
         self.response_id = get("id", None) or self.response_id
         self.model = get("model", None) or self.model
+        usage = get("usage", None)
+        if usage is not None:
+            self.read_usage(usage_from_anthropic, usage)
+
+    def read_usage(self, parse: Any, *args: Any) -> None:
+        """Set `usage` to `parse(*args)`; on TypeError or ValueError, log it and flag `usage_invalid`.
+
+        Raising here would fail the caller's SDK call, or its stream part way.
+        """
+        try:
+            self.usage = parse(*args)
+        except (TypeError, ValueError) as exc:
+            logger.warning(
+                "invalid usage in Anthropic response %s (model %s): %s; its row is flagged usage_invalid",
+                self.response_id,
+                self.request_model,
+                exc,
+            )
+            self.flags = self.flags | {"usage_invalid"}
 
 
 def _provider_of(client: Any) -> str:
@@ -134,13 +184,10 @@ def _begin(client: Any, options: Any) -> _Call | None:
 
 def _settle(call: _Call, result: Any, stream: bool) -> None:
     """Record what can be recorded once `request()` has returned."""
-    from anthropic import AsyncStream, Stream
-    from anthropic._response import BaseAPIResponse
-
-    if isinstance(result, (Stream, AsyncStream)):
+    if isinstance(result, _stream_classes):
         setattr(result.response, _CALL_ATTRIBUTE, call)
         return
-    if isinstance(result, BaseAPIResponse):
+    if isinstance(result, _raw_response_classes):
         _settle_raw(call, result.http_response, stream)
         return
     usage = getattr(result, "usage", None)
@@ -154,18 +201,17 @@ def _settle(call: _Call, result: Any, stream: bool) -> None:
 
 
 def _settle_raw(call: _Call, http_response: Any, stream: bool) -> None:
-    """`with_raw_response` and `with_streaming_response` results."""
+    """Follow a `with_raw_response` or `with_streaming_response` result until its usage is known."""
+    # A Stream that the caller's `.parse()` builds on this response finds
+    # the call here.
     setattr(http_response, _CALL_ATTRIBUTE, call)
-    if stream:
-        # The user's `.parse()` builds a Stream on this response; the stream
-        # hook finds the call there.
-        return
-    if http_response.is_closed:
+    if not stream and http_response.is_closed:
         # `with_raw_response`: the body was read before `request()` returned.
         _absorb_body(call, http_response)
         return
-    # `with_streaming_response`: the body is read only if the user reads it.
-    _hook_body_read(call, http_response)
+    # `with_streaming_response`, or `with_raw_response` of a stream: the body
+    # is read only if the caller reads it.
+    _hook_body(call, http_response, parse_json=not stream)
 
 
 def _absorb_body(call: _Call, http_response: Any) -> None:
@@ -176,34 +222,74 @@ def _absorb_body(call: _Call, http_response: Any) -> None:
     call.finish(Status.OK)
 
 
-def _hook_body_read(call: _Call, http_response: Any) -> None:
+def _closed_unparsed(call: _Call, http_response: Any) -> None:
+    """Record a raw response closed without a parse that showed its usage."""
+    if call.finished or call.tapped:
+        return
+    if http_response.is_stream_consumed:
+        # NOTE: the caller read the raw bytes (`iter_lines()`, `iter_bytes()`),
+        # so the call ran to completion, but its usage never passed through
+        # the SDK and is unknown. The row has empty buckets and this flag.
+        call.finish(Status.NOT_CONSUMED, flags=_USAGE_UNKNOWN)
+    else:
+        call.finish(Status.NOT_CONSUMED)
+
+
+def _hook_body(call: _Call, http_response: Any, *, parse_json: bool) -> None:
+    """Wrap the body methods of one response so that reading or closing it records the call.
+
+    httpx2 closes a response inside `read()`, before the content is stored,
+    so the close hooks ignore that inner close and the read hooks record the
+    call once the content is there.
+    """
     read, aread, close, aclose = (
         http_response.read,
         http_response.aread,
         http_response.close,
         http_response.aclose,
     )
+    reading = False
 
     def read_hook() -> bytes:
-        content = read()
+        nonlocal reading
+        reading = True
+        try:
+            content = read()
+        except BaseException as error:
+            call.finish(Status.ERROR, error=error)
+            raise
+        finally:
+            reading = False
         _absorb_body(call, http_response)
         return content
 
     async def aread_hook() -> bytes:
-        content = await aread()
+        nonlocal reading
+        reading = True
+        try:
+            content = await aread()
+        except BaseException as error:
+            call.finish(Status.ERROR, error=error)
+            raise
+        finally:
+            reading = False
         _absorb_body(call, http_response)
         return content
 
     def close_hook() -> None:
         close()
-        call.finish(Status.NOT_CONSUMED)
+        if not reading:
+            _closed_unparsed(call, http_response)
 
     async def aclose_hook() -> None:
         await aclose()
-        call.finish(Status.NOT_CONSUMED)
+        if not reading:
+            _closed_unparsed(call, http_response)
 
-    http_response.read = read_hook
-    http_response.aread = aread_hook
+    if parse_json:
+        # A streamed body is parsed by the stream hook instead.
+        http_response.read = read_hook
+        http_response.aread = aread_hook
     http_response.close = close_hook
     http_response.aclose = aclose_hook
 
@@ -211,7 +297,7 @@ def _hook_body_read(call: _Call, http_response: Any) -> None:
 def _failed(call: _Call, error: BaseException) -> None:
     body = getattr(error, "body", None)
     if isinstance(body, dict) and isinstance(body.get("usage"), dict):
-        call.usage = usage_from_anthropic(body["usage"])
+        call.read_usage(usage_from_anthropic, body["usage"])
     call.finish(Status.ERROR, error=error)
 
 
@@ -224,6 +310,7 @@ class _StreamTap:
         self.call = call
         self.saw_stop = False
         self.saw_event = False
+        call.tapped = True
 
     def observe(self, event: Any) -> None:
         self.saw_event = True
@@ -233,7 +320,7 @@ class _StreamTap:
         elif kind == "message_delta":
             delta_usage = getattr(event, "usage", None)
             if delta_usage is not None:
-                self.call.usage = merge_anthropic_delta(self.call.usage or Usage(), delta_usage)
+                self.call.read_usage(merge_anthropic_delta, self.call.usage or Usage(), delta_usage)
         elif kind == "message_stop":
             self.saw_stop = True
 
@@ -342,11 +429,13 @@ def _closed_by_caller(stream: Any) -> None:
     it. One iterated part way is recorded now rather than when its suspended
     generator is garbage collected.
     """
+    # NOTE: a stream that is never iterated and never closed (dropped by the
+    # caller) writes no row: nothing runs for it but garbage collection.
     call = getattr(stream.response, _CALL_ATTRIBUTE, None)
     if call is None or call.finished:
         return
-    if "_iterator" in stream.__dict__:
-        call.finish(Status.INCOMPLETE if call.usage is not None else Status.NOT_CONSUMED)
+    if call.tapped and call.usage is not None:
+        call.finish(Status.INCOMPLETE)
     else:
         call.finish(Status.NOT_CONSUMED)
 
@@ -454,11 +543,17 @@ def _targets() -> list[tuple[type, str, Any]]:
 
 def patch(tracker: Tracker) -> None:
     """Patch the SDK classes once; later calls only switch the tracker."""
-    global _tracker
+    global _tracker, _stream_classes, _raw_response_classes
     _tracker = tracker
     if _originals:
         return
-    for cls, name, wrap in _targets():
+    targets = _targets()
+    from anthropic import AsyncStream, Stream
+    from anthropic._response import BaseAPIResponse
+
+    _stream_classes = (Stream, AsyncStream)
+    _raw_response_classes = (BaseAPIResponse,)
+    for cls, name, wrap in targets:
         original = cls.__dict__[name]
         _originals[(cls, name)] = original
         setattr(cls, name, wrap(original))
