@@ -57,7 +57,10 @@ class Tracker:
         if quote is None:
             event.unpriced = True
             event.cost_usd = None
-            self._warn_unpriced(event)
+            # A listed model can still lack a price for this call (fast mode
+            # without fast-mode rates); the price book warns about that itself.
+            if self.price_book.lookup(event.model) is None:
+                self._warn_unpriced(event)
         else:
             event.cost_usd = quote.cost_usd
             event.price_id = quote.price_id
