@@ -8,6 +8,7 @@ from datetime import UTC, datetime
 from decimal import Decimal
 from typing import Any
 
+from .store import cost_events
 from .usage import Usage
 
 __all__ = ["CostEvent", "Status", "utcnow"]
@@ -61,10 +62,16 @@ class CostEvent:
     event_id: str = field(default_factory=_new_event_id)
 
     def to_row(self) -> dict[str, Any]:
-        """Flatten into the column values of `cost_events`."""
+        """Flatten into the column values of `cost_events`.
+
+        Text that does not fit its column is cut and the row flagged
+        `value_truncated`, and NUL characters are removed: PostgreSQL rejects
+        both, and one such value (a long `x-request-id` header sent by any
+        client) would otherwise fail its whole batch.
+        """
         usage = self.usage
         flags = self.flags | usage.flags
-        return {
+        row = {
             "event_id": self.event_id,
             "ts": self.ts,
             "provider": self.provider,
@@ -93,5 +100,28 @@ class CostEvent:
             "service_tier": usage.service_tier or ("batch" if self.batch else None),
             "latency_ms": round(self.latency_ms, 3),
             "context_missing": self.context_missing,
-            "flags": ",".join(sorted(flags)) or None,
+            "flags": None,
         }
+        for name in _TEXT_COLUMNS:
+            value = row[name]
+            if value is not None:
+                fitted = _fit(value, _TEXT_LIMITS[name])
+                if fitted is not value:
+                    row[name] = fitted
+                    flags = flags | {"value_truncated"}
+        row["flags"] = ",".join(sorted(flags)) or None
+        return row
+
+
+# Caller-controlled text columns and their sizes in `cost_events`.
+_TEXT_COLUMNS = ("model", "request_model", "feature", "user_id", "request_id", "response_id", "error_type")
+_TEXT_LIMITS = {name: cost_events.c[name].type.length for name in _TEXT_COLUMNS}
+
+
+def _fit(value: str, limit: int) -> str:
+    """Return `value` without NUL characters and cut to `limit` characters; the same object if it fits."""
+    if "\x00" in value:
+        value = value.replace("\x00", "")
+    elif len(value) <= limit:
+        return value
+    return value[:limit]
