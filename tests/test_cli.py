@@ -153,3 +153,51 @@ def test_demo_runs_offline(tmp_path):
     assert {row["user_id"] for row in rows} == {"u-7", "u-3", "u-9", "u-loop", "u-2"}
     assert all(row["cost_usd"] is not None for row in rows)
     assert len([row for row in rows if row["feature"] == "/agent/{task}"]) == 3
+
+
+def test_demo_keeps_foreign_file(tmp_path):
+    victim = tmp_path / "notes.txt"
+    victim.write_text("precious notes\n")
+
+    result = _llmcost("demo", "--database", str(victim))
+
+    assert result.returncode == 2
+    assert "refusing to replace" in result.stderr
+    assert victim.read_text() == "precious notes\n"
+
+
+@pytest.mark.parametrize(
+    ("url", "message"),
+    [
+        ("postgresql://u:pw@127.0.0.1:notaport/db", "invalid database URL 'postgresql://u:***@127.0.0.1:notaport/db'"),
+        ("postgresql+asyncpg://u@127.0.0.1/db", "pip install 'llmcost-mw[postgres]'"),
+    ],
+    ids=["port-not-a-number", "driver-missing"],
+)
+def test_bad_store_url_is_config_error(url, message):
+    result = _llmcost("report", env={"LLMCOST_DATABASE_URL": url})
+
+    assert result.returncode == 2
+    assert message in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_unreachable_store_is_one_line(tmp_path):
+    result = _llmcost("report", "--database-url", f"sqlite:///{tmp_path}")
+
+    assert result.returncode == 1
+    assert "failed: unable to open database file" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize(
+    "args",
+    [["report", "--top", "-2"], ["prune", "--older-than", "99999999"], ["prune", "--older-than", "0"]],
+    ids=["negative-top", "huge-retention", "zero-retention"],
+)
+def test_bad_numbers_are_config_errors(tmp_path, args):
+    result = _llmcost(*args, "--database-url", f"sqlite:///{tmp_path / 'costs.db'}")
+
+    assert result.returncode == 2
+    assert "invalid --" in result.stderr
+    assert "Traceback" not in result.stderr

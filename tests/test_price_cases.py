@@ -749,3 +749,20 @@ def test_compaction_excluded_from_threshold():
     assert usage.input_tokens == 1400
     assert quote.long_context is False
     assert quote.cost_usd == Decimal("0.00155")
+
+
+def test_alias_string_is_rejected():
+    entry = {
+        "id": "claude-x-1",
+        "aliases": "claude-x",
+        "input": "1",
+        "output": "1",
+        "cache_write_5m": "1",
+        "cache_write_1h": "1",
+        "cache_read": "1",
+        "source": "https://example.invalid/prices",
+        "checked": "2026-12-04",
+    }
+
+    with pytest.raises(PriceTableError, match="must be a list of model ids"):
+        PriceBook.from_dict({"version": "test", "models": [entry]})

@@ -15,8 +15,10 @@ import sys
 import threading
 from collections.abc import Sequence
 
+from sqlalchemy.exc import SQLAlchemyError
+
 from .errors import ConfigurationError, LLMCostError
-from .store import DEFAULT_DATABASE_URL, Store
+from .store import DEFAULT_DATABASE_URL, Store, _redact
 
 __all__ = ["main"]
 
@@ -29,6 +31,11 @@ def _database_url(args: argparse.Namespace) -> str:
     return args.database_url or os.environ.get("LLMCOST_DATABASE_URL") or DEFAULT_DATABASE_URL
 
 
+def _safe_database_url(args: argparse.Namespace) -> str:
+    url = getattr(args, "database_url", None) or os.environ.get("LLMCOST_DATABASE_URL") or DEFAULT_DATABASE_URL
+    return _redact(url)
+
+
 def _add_database_option(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--database-url",
@@ -39,6 +46,8 @@ def _add_database_option(parser: argparse.ArgumentParser) -> None:
 def _cmd_report(args: argparse.Namespace) -> int:
     from .report import build_report, format_report
 
+    if args.top < 1:
+        raise ConfigurationError(f"invalid --top {args.top}: give the number of users to list, 1 or more")
     store = Store(_database_url(args))
     sys.stdout.write(format_report(build_report(store, top_users=args.top)))
     return 0
@@ -239,6 +248,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_CONFIG_ERROR
     except LLMCostError as exc:
         print(f"llmcost: error: {exc}", file=sys.stderr)
+        return 1
+    except SQLAlchemyError as exc:
+        # The driver's own message, without the statement and its parameters.
+        reason = getattr(exc, "orig", None) or exc
+        print(
+            f"llmcost: error: the store at {_safe_database_url(args)} failed: {str(reason).strip()}; "
+            "check LLMCOST_DATABASE_URL or --database-url, and that the database is reachable",
+            file=sys.stderr,
+        )
         return 1
 
 

@@ -317,6 +317,13 @@ class PriceBook:
         logger.warning(message, *args)
 
 
+def _aliases(value: Any, where: str) -> tuple[str, ...]:
+    # A bare string would otherwise become one alias per character.
+    if not isinstance(value, list) or not all(isinstance(alias, str) and alias for alias in value):
+        raise PriceTableError(f"{where} aliases = {value!r} must be a list of model ids, e.g. [\"claude-x-1\"]")
+    return tuple(value)
+
+
 def _decimal(value: Any, where: str) -> Decimal:
     if isinstance(value, float):
         raise PriceTableError(f"{where} = {value!r} is a float; write prices as strings, e.g. \"3.75\"")
@@ -373,7 +380,7 @@ def _parse_model(entry: dict[str, Any], origin: str) -> ModelPrice:
 
     return ModelPrice(
         id=model_id,
-        aliases=tuple(entry.get("aliases", ())),
+        aliases=_aliases(entry.get("aliases", []), where),
         provider=str(entry.get("provider", "anthropic")),
         rates=_rates(entry, where),
         source=str(entry["source"]),

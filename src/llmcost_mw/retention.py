@@ -39,6 +39,9 @@ _THROUGH = "rollup_through"
 _MAX_ID = "rollup_max_id"
 _PRUNED_BEFORE = "pruned_before"
 
+# A century: larger values would reach before year 1 and overflow datetime.
+MAX_RETENTION_DAYS = 36_500
+
 
 @dataclass(frozen=True)
 class PruneResult:
@@ -162,9 +165,13 @@ def refresh_rollups(store: Store, *, clock: Callable[[], datetime] = utcnow, thr
 
 def prune(store: Store, *, older_than_days: int, clock: Callable[[], datetime] = utcnow) -> PruneResult:
     """Delete raw rows of UTC days that ended more than `older_than_days` days ago, after rolling them up."""
-    if isinstance(older_than_days, bool) or not isinstance(older_than_days, int) or older_than_days < 1:
+    if (
+        isinstance(older_than_days, bool)
+        or not isinstance(older_than_days, int)
+        or not 1 <= older_than_days <= MAX_RETENTION_DAYS
+    ):
         raise ConfigurationError(
-            f"invalid --older-than {older_than_days!r}: give a whole number of days, 1 or more"
+            f"invalid --older-than {older_than_days!r}: give a whole number of days from 1 to {MAX_RETENTION_DAYS}"
         )
     today = _start_of(clock().date())
     cutoff = today - timedelta(days=older_than_days)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import operator
 import os
+import re
 import threading
 from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
@@ -152,7 +153,8 @@ class Store:
         self.url = url
         try:
             parsed = sa.engine.make_url(url)
-        except sa.exc.ArgumentError as exc:
+            parsed.port  # noqa: B018 - a port that is not a number fails here, not at first use
+        except (sa.exc.ArgumentError, ValueError) as exc:
             raise ConfigurationError(
                 f"invalid database URL {_redact(url)!r}: use sqlite:///path/to/costs.db "
                 "or postgresql://user:password@host/dbname"
@@ -165,7 +167,13 @@ class Store:
         if self.dialect == "postgresql" and parsed.drivername == "postgresql":
             # psycopg 3 is the driver the `postgres` extra installs.
             parsed = parsed.set(drivername="postgresql+psycopg")
-        self.engine = self._create_engine(parsed, busy_timeout_ms)
+        try:
+            self.engine = self._create_engine(parsed, busy_timeout_ms)
+        except ImportError as exc:
+            raise ConfigurationError(
+                f"the database driver for {_redact(url)!r} is not installed ({exc.name or exc}); "
+                "install it with: pip install 'llmcost-mw[postgres]'"
+            ) from exc
         self._schema_lock = threading.Lock()
         self._schema_ready = False
         self._insert_sql: tuple[str, tuple[str, ...], Callable[[dict[str, Any]], tuple[Any, ...]]] | None = None
@@ -302,8 +310,9 @@ class Store:
 def _redact(url: str) -> str:
     try:
         return sa.engine.make_url(url).render_as_string(hide_password=True)
-    except sa.exc.ArgumentError:
-        return "<unparseable URL>"
+    except (sa.exc.ArgumentError, ValueError):
+        # Still show the value, with anything between "user:" and "@" masked.
+        return re.sub(r"(//[^/@:]*):[^/@]*@", r"\1:***@", url)
 
 
 # Position of `ts` among the inserted columns (every column but `id`).

@@ -14,6 +14,7 @@ import importlib.util
 import os
 import signal
 import socket
+import sqlite3
 import subprocess
 import sys
 import time
@@ -22,11 +23,12 @@ from pathlib import Path
 from typing import Any
 
 import requests
+import sqlalchemy as sa
 
 from ..alerts import NtfyNotifier, Watcher, builtin_rules
 from ..errors import ConfigurationError
 from ..report import build_report, format_report
-from ..store import Store
+from ..store import Store, meta
 from .fake_api import FakeAnthropicAPI
 from .ntfy_receiver import NtfyReceiver
 
@@ -60,7 +62,14 @@ def run_demo(
     server_name = server or default_server(app)
     _check_server(server_name)
     database = Path(database_path).resolve()
-    if not keep:
+    if database.is_dir():
+        raise ConfigurationError(f"--database {database_path!r} is a directory; give a file path for the demo's SQLite store")
+    if not keep and database.exists():
+        if not _is_demo_database(database):
+            raise ConfigurationError(
+                f"refusing to replace {database}: it is not a store made by `llmcost demo`; "
+                "pass another --database, or --keep to add to it"
+            )
         for suffix in ("", "-wal", "-shm", ".spill.jsonl"):
             Path(f"{database}{suffix}").unlink(missing_ok=True)
     database_url = f"sqlite:///{database}"
@@ -79,6 +88,7 @@ def run_demo(
         _say(f"app stopped; {metrics_line}")
 
         store = Store(database_url)
+        _mark_demo_database(store)
         _say(f"{store.count_events()} cost rows in {database}")
 
         notifier = NtfyNotifier(receiver.topic_url(DEMO_TOPIC))
@@ -106,6 +116,25 @@ def _check_server(server: str) -> None:
         raise ConfigurationError(
             f"{server} is not installed: install it (pip install {server}) or choose the other --server"
         )
+
+
+_DEMO_MARKER = "created_by_llmcost_demo"
+
+
+def _is_demo_database(path: Path) -> bool:
+    """Return True when `path` is an SQLite store that an earlier demo run marked as its own."""
+    try:
+        with sqlite3.connect(f"file:{path}?mode=ro", uri=True) as conn:
+            row = conn.execute("SELECT value FROM llmcost_meta WHERE key = ?", (_DEMO_MARKER,)).fetchone()
+    except sqlite3.Error:
+        return False
+    return row is not None
+
+
+def _mark_demo_database(store: Store) -> None:
+    with store.write() as conn:
+        conn.execute(sa.delete(meta).where(meta.c.key == _DEMO_MARKER))
+        conn.execute(sa.insert(meta).values(key=_DEMO_MARKER, value="true"))
 
 
 def _find_app_root(app: str) -> Path:
