@@ -228,9 +228,19 @@ class Store:
         with self._schema_lock:
             if self._schema_ready:
                 return
-            with self.write() as conn:
-                upgrade(conn, metadata, meta, SCHEMA_VERSION, self.safe_url)
+            # A store already at this version needs no write lock, so readers
+            # (reports, the watcher's queries) are not blocked by a writer.
+            if self._stored_version() != SCHEMA_VERSION:
+                with self.write() as conn:
+                    upgrade(conn, metadata, meta, SCHEMA_VERSION, self.safe_url)
             self._schema_ready = True
+
+    def _stored_version(self) -> int | None:
+        with self.read() as conn:
+            if not sa.inspect(conn).has_table(meta.name):
+                return None
+            value = conn.execute(sa.select(meta.c.value).where(meta.c.key == "schema_version")).scalar()
+        return int(value) if value is not None else None
 
     def write(self) -> Any:
         """Open a write transaction; in SQLite it takes the write lock immediately."""
