@@ -140,7 +140,9 @@ def test_version_1_upgrades_in_place(tmp_path):
         ddl = conn.execute("SELECT sql FROM sqlite_master WHERE name = 'cost_events'").fetchone()[0]
         indexes = {name for (name,) in conn.execute("SELECT name FROM sqlite_master WHERE type = 'index'")}
     assert "AUTOINCREMENT" in ddl
-    assert {"ix_cost_events_ts", "uq_cost_events_response_id", "uq_cost_events_event_id"} <= indexes
+    assert {"ix_cost_events_cost_ts", "uq_cost_events_response_id", "uq_cost_events_event_id"} <= indexes
+    assert "ix_cost_events_ts" not in indexes
+    assert "ix_cost_events_feature_ts" not in indexes
 
 
 def test_upgrade_is_idempotent(tmp_path):
@@ -172,3 +174,48 @@ def _plain(value):
     if isinstance(value, bool):
         return int(value)
     return value
+
+
+def test_version_3_fills_feature_rollups(tmp_path):
+    from datetime import timedelta
+
+    from llmcost_mw.retention import refresh_rollups
+
+    path = tmp_path / "v3.db"
+    store = Store(f"sqlite:///{path}")
+    now = datetime(2026, 12, 4, 12)
+    rows = [
+        CostEvent(
+            provider="anthropic",
+            model="claude-sonnet-4-6",
+            usage=Usage(input_tokens=10),
+            feature=f"f{n % 3}",
+            user_id=f"u{n % 5}",
+            ts=now - timedelta(days=1 + n % 4),
+        ).to_row()
+        for n in range(60)
+    ]
+    store.insert_events(rows)
+    refresh_rollups(store, clock=lambda: now)
+    store.dispose()
+    # Back to what version 3 had: no per-feature roll-up, the two extra indexes.
+    with sqlite3.connect(path) as conn:
+        conn.execute("DROP TABLE cost_daily_feature")
+        conn.execute("CREATE INDEX ix_cost_events_ts ON cost_events (ts)")
+        conn.execute("UPDATE llmcost_meta SET value = '3' WHERE key = 'schema_version'")
+
+    upgraded = Store(f"sqlite:///{path}")
+    upgraded.ensure_schema()
+
+    with sqlite3.connect(path) as conn:
+        per_feature = conn.execute(
+            "SELECT day, feature, SUM(calls) FROM cost_daily_feature GROUP BY day, feature ORDER BY 1, 2"
+        ).fetchall()
+        per_user = conn.execute(
+            "SELECT day, feature, SUM(calls) FROM cost_daily GROUP BY day, feature ORDER BY 1, 2"
+        ).fetchall()
+        indexes = {name for (name,) in conn.execute("SELECT name FROM sqlite_master WHERE type = 'index'")}
+    assert per_feature == per_user
+    assert sum(calls for _, _, calls in per_feature) == 60
+    assert "ix_cost_events_ts" not in indexes
+    assert _schema_version(path) == str(SCHEMA_VERSION)

@@ -29,7 +29,7 @@ from sqlalchemy.engine import Connection
 
 from .errors import ConfigurationError
 from .events import utcnow
-from .store import Store, cost_daily, cost_events, meta
+from .store import Store, cost_daily, cost_daily_feature, cost_events, meta
 
 __all__ = ["PruneResult", "daily_totals", "prune", "pruned_before", "refresh_rollups", "rolled_up_through"]
 
@@ -58,15 +58,15 @@ def _day_of(store: Store) -> Any:
     return sa.cast(cost_events.c.ts, sa.Date)
 
 
-def _rollup_select(store: Store, *where: Any) -> Any:
+def _rollup_select(store: Store, *where: Any, per_user: bool = True) -> Any:
     c = cost_events.c
+    groups = [_day_of(store), c.provider, c.model, c.feature]
+    if per_user:
+        groups.append(c.user_id)
     return (
         sa.select(
-            _day_of(store).label("day"),
-            c.provider,
-            c.model,
-            c.feature,
-            c.user_id,
+            groups[0].label("day"),
+            *groups[1:],
             sa.func.count().label("calls"),
             sa.func.sum(sa.case((c.status == "error", 1), else_=0)).label("error_calls"),
             sa.func.sum(sa.case((c.unpriced, 1), else_=0)).label("unpriced_calls"),
@@ -80,8 +80,15 @@ def _rollup_select(store: Store, *where: Any) -> Any:
             sa.func.sum(c.latency_ms).label("latency_ms_sum"),
         )
         .where(*where)
-        .group_by(_day_of(store), c.provider, c.model, c.feature, c.user_id)
+        .group_by(*groups)
     )
+
+
+def _insert_rollups(conn: Connection, store: Store, *where: Any) -> None:
+    """Add the rows that match `where` to both daily roll-up tables."""
+    for table, per_user in ((cost_daily, True), (cost_daily_feature, False)):
+        columns = [column.name for column in table.columns if column.name != "id"]
+        conn.execute(sa.insert(table).from_select(columns, _rollup_select(store, *where, per_user=per_user)))
 
 
 def _start_of(day: date) -> datetime:
@@ -124,7 +131,6 @@ def refresh_rollups(store: Store, *, clock: Callable[[], datetime] = utcnow, thr
     store.ensure_schema()
     yesterday = clock().date() - timedelta(days=1)
     last_day = min(through, yesterday) if through is not None else yesterday
-    columns = [column.name for column in cost_daily.columns if column.name != "id"]
     c = cost_events.c
     days = 0
 
@@ -135,8 +141,9 @@ def refresh_rollups(store: Store, *, clock: Callable[[], datetime] = utcnow, thr
         newest_id = conn.execute(sa.select(sa.func.max(c.id))).scalar() or 0
         if done_through is not None and newest_id > max_id:
             # Rows that arrived after their day was rolled up.
-            late = _rollup_select(store, c.id > max_id, c.id <= newest_id, c.ts < _start_of(done_through) + timedelta(days=1))
-            conn.execute(sa.insert(cost_daily).from_select(columns, late))
+            _insert_rollups(
+                conn, store, c.id > max_id, c.id <= newest_id, c.ts < _start_of(done_through) + timedelta(days=1)
+            )
         if done_through is None:
             oldest = conn.execute(sa.select(sa.func.min(c.ts))).scalar()
             if oldest is None:
@@ -153,8 +160,7 @@ def refresh_rollups(store: Store, *, clock: Callable[[], datetime] = utcnow, thr
             start = _start_of(day)
             # Only rows up to the id mark: later ones are picked up as late rows.
             current_max = int(_read_meta(conn, _MAX_ID) or 0)
-            rows = _rollup_select(store, c.ts >= start, c.ts < start + timedelta(days=1), c.id <= current_max)
-            conn.execute(sa.insert(cost_daily).from_select(columns, rows))
+            _insert_rollups(conn, store, c.ts >= start, c.ts < start + timedelta(days=1), c.id <= current_max)
             _write_meta(conn, _THROUGH, day.isoformat())
         days += 1
         day += timedelta(days=1)
@@ -231,7 +237,8 @@ def daily_totals(
         sa.func.sum(raw.c.cost_usd),
         sa.func.sum(raw.c.prompt_tokens + raw.c.completion_tokens),
     ).group_by(raw.c.day, raw.c[group_by])
-    d = cost_daily.c
+    # Per-feature totals come from the smaller table without users.
+    d = cost_daily_feature.c if group_by == "feature" else cost_daily.c
     rolled_until = min(until, through + timedelta(days=1)) if through is not None else since
     rolled_query = (
         sa.select(

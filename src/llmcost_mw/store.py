@@ -28,7 +28,7 @@ __all__ = ["DEFAULT_DATABASE_URL", "SCHEMA_VERSION", "Store", "metadata", "cost_
 logger = logging.getLogger(__name__)
 
 DEFAULT_DATABASE_URL = "sqlite:///costs.db"
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 
 metadata = sa.MetaData()
 
@@ -69,10 +69,11 @@ cost_events = sa.Table(
     sa.Column("flags", sa.String(255)),
     sa.Index("uq_cost_events_event_id", "event_id", unique=True),
     # Serve the alert windows and the reports: each scans only its window.
-    sa.Index("ix_cost_events_ts", "ts"),
-    sa.Index("ix_cost_events_user_ts", "user_id", "ts"),
-    sa.Index("ix_cost_events_feature_ts", "feature", "ts"),
+    # (ts, cost_usd) serves every range on ts; (user_id, ts) one user's
+    # history. Each index costs every insert a random page write, so there
+    # is no separate index on ts or on (feature, ts).
     sa.Index("ix_cost_events_cost_ts", "ts", "cost_usd"),
+    sa.Index("ix_cost_events_user_ts", "user_id", "ts"),
     # NULLs are distinct in unique indexes on both backends, so rows without a
     # response id (failed calls) never collide.
     sa.Index("uq_cost_events_response_id", "response_id", unique=True),
@@ -136,6 +137,32 @@ cost_daily = sa.Table(
     sa.Column("latency_ms_sum", sa.Float(precision=53), nullable=False, default=0.0),
     sa.Index("ix_cost_daily_day_feature", "day", "feature"),
     sa.Index("ix_cost_daily_day_user", "day", "user_id"),
+)
+
+# The same days per provider, model and feature, without the user: small
+# enough (features x models rows a day) for baselines that read weeks of it
+# on every watcher pass.
+cost_daily_feature = sa.Table(
+    "cost_daily_feature",
+    metadata,
+    sa.Column("id", sa.Integer, primary_key=True, autoincrement=True),
+    sa.Column("day", sa.Date, nullable=False),
+    sa.Column("provider", sa.String(64), nullable=False),
+    sa.Column("model", sa.String(255), nullable=False),
+    sa.Column("feature", sa.String(255)),
+    sa.Column("calls", sa.Integer, nullable=False),
+    sa.Column("error_calls", sa.Integer, nullable=False, default=0),
+    sa.Column("unpriced_calls", sa.Integer, nullable=False, default=0),
+    sa.Column("prompt_tokens", sa.BigInteger, nullable=False, default=0),
+    sa.Column("completion_tokens", sa.BigInteger, nullable=False, default=0),
+    sa.Column("input_tokens", sa.BigInteger, nullable=False, default=0),
+    sa.Column("cache_write_tokens", sa.BigInteger, nullable=False, default=0),
+    sa.Column("cache_read_tokens", sa.BigInteger, nullable=False, default=0),
+    sa.Column("output_tokens", sa.BigInteger, nullable=False, default=0),
+    sa.Column("cost_usd", sa.Float(precision=53)),
+    sa.Column("latency_ms_sum", sa.Float(precision=53), nullable=False, default=0.0),
+    sa.Index("ix_cost_daily_feature_feature_day", "feature", "day"),
+    sa.Index("ix_cost_daily_feature_day", "day"),
 )
 
 meta = sa.Table(

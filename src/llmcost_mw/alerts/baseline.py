@@ -3,9 +3,9 @@
 A feature with at least `min_history_days` of history gets a limit of
 `factor` times the p95 of its daily spend over the last 7 complete UTC days
 (days without calls count as $0). A newer feature keeps the rule's hard
-ceiling. Both read `cost_daily`, which the watcher refreshes at the start of
-each pass, so a year of history costs a few thousand roll-up rows, not the
-raw table.
+ceiling. Both read `cost_daily_feature`, which the watcher refreshes at the
+start of each pass: a row per day, model and feature, so a year of history
+costs a few thousand rows, not the raw table.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from typing import Any
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection
 
-from ..store import cost_daily
+from ..store import cost_daily_feature
 
 __all__ = ["feature_daily_limits", "percentile"]
 
@@ -47,7 +47,7 @@ def feature_daily_limits(conn: Connection, binds: Mapping[str, Any]) -> dict[str
     today = now.date()
     first_baseline_day = today - timedelta(days=BASELINE_DAYS)
     oldest_allowed = today - timedelta(days=int(binds["min_history_days"]))
-    d = cost_daily.c
+    d = cost_daily_feature.c
 
     first_days = conn.execute(
         sa.select(d.feature, sa.func.min(d.day)).where(d.feature.is_not(None)).group_by(d.feature)

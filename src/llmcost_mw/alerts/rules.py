@@ -289,14 +289,20 @@ def _format_fields(template: str) -> set[str]:
 
 
 def builtin_rules() -> list[Rule]:
-    """Return the built-in rules with their default thresholds, as new objects."""
+    """Return the built-in rules with their default thresholds, as new objects.
+
+    Every window is closed (`ts >= :since AND ts <= :now`): SQLite's planner,
+    without table statistics, takes an open range to hold a quarter of the
+    table and walks a whole index instead. A row stamped after the watcher's
+    clock (a host whose clock runs ahead) is counted by a later pass.
+    """
     return [
         Rule(
             name="user_hourly_spend",
             sql=sa.text(
                 "SELECT user_id AS entity, SUM(cost_usd) AS value, COUNT(*) AS calls\n"
                 "FROM cost_events\n"
-                "WHERE ts >= :since AND user_id IS NOT NULL AND cost_usd IS NOT NULL\n"
+                "WHERE ts >= :since AND ts <= :now AND user_id IS NOT NULL AND cost_usd IS NOT NULL\n"
                 "GROUP BY user_id\n"
                 f"HAVING SUM(cost_usd) > :threshold + {_SPEND_SLACK}"
             ),
@@ -315,7 +321,7 @@ def builtin_rules() -> list[Rule]:
             sql=sa.text(
                 "SELECT feature AS entity, SUM(cost_usd) AS value, COUNT(*) AS calls\n"
                 "FROM cost_events\n"
-                "WHERE ts >= :day_start AND feature IS NOT NULL AND cost_usd IS NOT NULL\n"
+                "WHERE ts >= :day_start AND ts <= :now AND feature IS NOT NULL AND cost_usd IS NOT NULL\n"
                 "GROUP BY feature"
             ),
             # `threshold` is the hard ceiling, used until a feature has
@@ -346,7 +352,7 @@ def builtin_rules() -> list[Rule]:
                 "SELECT id AS entity, cost_usd AS value, model,\n"
                 "       COALESCE(feature, '-') AS feature, COALESCE(user_id, '-') AS user_id\n"
                 "FROM cost_events\n"
-                "WHERE ts >= :since AND cost_usd > :threshold"
+                "WHERE ts >= :since AND ts <= :now AND cost_usd > :threshold"
             ),
             params={"threshold": 0.50},
             title="Request cost ${value:.2f} ({model})",
@@ -365,7 +371,7 @@ def builtin_rules() -> list[Rule]:
             sql=sa.text(
                 "SELECT model AS entity, COUNT(*) AS value, COUNT(*) AS calls\n"
                 "FROM cost_events\n"
-                "WHERE ts >= :since AND unpriced = TRUE\n"
+                "WHERE ts >= :since AND ts <= :now AND unpriced = TRUE\n"
                 "GROUP BY model\n"
                 "HAVING COUNT(*) > :threshold"
             ),
@@ -390,10 +396,10 @@ def builtin_rules() -> list[Rule]:
                 "       w.avg_tokens AS baseline_tokens\n"
                 "FROM (SELECT feature, SUM(prompt_tokens + completion_tokens) * 1.0 / COUNT(*) AS avg_tokens,\n"
                 "             COUNT(*) AS calls\n"
-                "      FROM cost_events WHERE ts >= :since AND feature IS NOT NULL\n"
+                "      FROM cost_events WHERE ts >= :since AND ts <= :now AND feature IS NOT NULL\n"
                 "      GROUP BY feature HAVING COUNT(*) >= :min_calls) h\n"
                 "JOIN (SELECT feature, SUM(prompt_tokens + completion_tokens) * 1.0 / SUM(calls) AS avg_tokens\n"
-                "      FROM cost_daily WHERE day >= :week_start AND day < :today AND feature IS NOT NULL\n"
+                "      FROM cost_daily_feature WHERE day >= :week_start AND day < :today AND feature IS NOT NULL\n"
                 "      GROUP BY feature HAVING SUM(calls) > 0) w ON w.feature = h.feature\n"
                 "WHERE h.avg_tokens > :factor * w.avg_tokens"
             ),
