@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import time
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from decimal import Decimal
@@ -26,9 +27,10 @@ class Status:
 
 
 def _new_event_id() -> str:
-    # 128 random bits as 32 hex digits, the size of a UUID's hex form.
-    # Building a `uuid.UUID` took about 3 more microseconds in a local timeit run.
-    return os.urandom(16).hex()
+    # 32 hex digits: the nanosecond clock, then 64 random bits. New ids sort
+    # after old ones, so inserts append to the unique index instead of
+    # landing on a random page of it.
+    return f"{time.time_ns():016x}{os.urandom(8).hex()}"
 
 
 def utcnow() -> datetime:
