@@ -12,7 +12,7 @@ import httpx2
 import pytest
 from prometheus_client import CollectorRegistry
 
-from llmcost_mw import UnpricedModelError, attribute, instrument, tracked_create
+from llmcost_mw import UnpricedModelError, attribute, current_tracker, instrument, tracked_create
 from llmcost_mw.tracker import UNPRICED_WARNING
 
 MODEL = "claude-sonnet-4-5-20250929"
@@ -91,6 +91,10 @@ def rows_after_flush(tracker):
 
 
 def sample(registry, name, **labels):
+    """Read a sample as a scrape would: calls queued but not yet counted are counted first."""
+    tracker = current_tracker()
+    if tracker is not None:
+        tracker.process_pending()
     return registry.get_sample_value(name, labels) or 0.0
 
 

@@ -7,6 +7,7 @@ import time
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from decimal import Decimal
+from collections.abc import Callable
 from typing import Any
 
 from .store import cost_events
@@ -62,6 +63,9 @@ class CostEvent:
     context_missing: bool = False
     flags: frozenset[str] = frozenset()
     event_id: str = field(default_factory=_new_event_id)
+    # Set by the tracker to price and count this event (and any other
+    # pending one) before its row is built, off the caller's thread.
+    prepare: Callable[[], None] | None = field(default=None, repr=False, compare=False)
 
     def to_row(self) -> dict[str, Any]:
         """Flatten into the column values of `cost_events`.
@@ -71,6 +75,8 @@ class CostEvent:
         both, and one such value (a long `x-request-id` header sent by any
         client) would otherwise fail its whole batch.
         """
+        if self.prepare is not None:
+            self.prepare()
         usage = self.usage
         flags = self.flags | usage.flags
         row = {

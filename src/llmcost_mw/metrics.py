@@ -250,9 +250,36 @@ def make_metrics_asgi_app(registry: CollectorRegistry | None = None) -> Any:
     Raises ConfigurationError when that directory is missing, or when the
     variable was set too late to take effect in this process.
     """
-    return make_asgi_app(registry=registry or _multiprocess_registry() or DEFAULT_REGISTRY)
+    app = make_asgi_app(registry=registry or _multiprocess_registry() or DEFAULT_REGISTRY)
+
+    async def metrics_app(scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] == "http":
+            _count_pending()
+        await app(scope, receive, send)
+
+    return metrics_app
 
 
 def make_metrics_wsgi_app(registry: CollectorRegistry | None = None) -> Any:
     """Return a WSGI app serving the metrics; see `make_metrics_asgi_app`."""
-    return make_wsgi_app(registry=registry or _multiprocess_registry() or DEFAULT_REGISTRY)
+    app = make_wsgi_app(registry=registry or _multiprocess_registry() or DEFAULT_REGISTRY)
+
+    def metrics_app(environ: Any, start_response: Any) -> Any:
+        _count_pending()
+        return app(environ, start_response)
+
+    return metrics_app
+
+
+def _count_pending() -> None:
+    """Count the calls that this process's tracker has queued but not counted yet.
+
+    The tracker counts calls on the recorder's writer thread, up to its flush
+    interval after each call; a scrape must not miss the calls made just
+    before it. Other worker processes count theirs within that interval.
+    """
+    from .instrumentation import current_tracker
+
+    tracker = current_tracker()
+    if tracker is not None:
+        tracker.process_pending()

@@ -1,10 +1,10 @@
-"""The tracker: prices a finished call, counts it in Prometheus and hands it to the recorder."""
+"""The tracker: queues a finished call, and prices and counts it off the caller's thread."""
 
 from __future__ import annotations
 
 import logging
 import threading
-from collections import OrderedDict
+from collections import OrderedDict, deque
 
 from .errors import UnpricedModelError
 from .events import CostEvent
@@ -42,16 +42,44 @@ class Tracker:
         self._recent_ids: OrderedDict[str, None] = OrderedDict()
         self._unpriced_warned: set[str] = set()
         self._lock = threading.Lock()
+        self._pending: deque[CostEvent] = deque()
+        self._process_lock = threading.Lock()
 
     def track(self, event: CostEvent) -> None:
-        """Price, count and queue one event.
+        """Queue one event; it is priced and counted before its row is built.
 
-        Raises UnpricedModelError in strict mode, after the row is queued.
-        Any other failure is logged, never raised: the caller's LLM call has
-        already succeeded.
+        Pricing and counting run off the caller's thread, in the recorder's
+        writer (or whoever builds a row first, or `process_pending()`), so a
+        counter rises up to the recorder's flush interval after the call. In
+        strict mode the event is priced here instead, and UnpricedModelError
+        is raised after the row is queued. Any other failure is logged, never
+        raised: the caller's LLM call has already succeeded.
         """
-        if event.response_id is not None and self._seen(event.response_id):
+        if self.strict:
+            self._prepare_one(event)
+            self.recorder.record(event)
+            if event.unpriced:
+                raise UnpricedModelError(event.model)
             return
+        event.prepare = self.process_pending
+        self._pending.append(event)
+        self.recorder.record(event)
+
+    def process_pending(self) -> None:
+        """Price and count every queued event that is not yet priced."""
+        with self._process_lock:
+            while self._pending:
+                event = self._pending.popleft()
+                try:
+                    self._prepare_one(event)
+                except Exception:
+                    logger.exception("pricing or counting a cost event failed; its row is written unpriced")
+                finally:
+                    event.prepare = None
+
+    def _prepare_one(self, event: CostEvent) -> None:
+        """Price one event and count it, unless its response id was counted already."""
+        event.prepare = None
         quote = self.price_book.quote(event.model, event.usage, batch=event.batch)
         event.price_version = self.price_book.version
         if quote is None:
@@ -66,14 +94,15 @@ class Tracker:
             event.price_id = quote.price_id
             if quote.long_context:
                 event.flags = event.flags | {"long_context"}
+        # A repeated response id (batch results downloaded again) is counted
+        # once; the store's unique index drops its second row.
+        if event.response_id is not None and self._seen(event.response_id):
+            return
         if self.metrics is not None:
             try:
                 self.metrics.observe(event)
             except Exception:
                 logger.exception("counting a cost event in Prometheus failed; the event is still recorded")
-        self.recorder.record(event)
-        if event.unpriced and self.strict:
-            raise UnpricedModelError(event.model)
 
     def _seen(self, response_id: str) -> bool:
         # The store also rejects a repeated response id; this check keeps the
