@@ -11,6 +11,7 @@ import glob
 import os
 import signal
 import subprocess
+import time
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -121,11 +122,35 @@ def _calls_counted_by_pid(directory: Path) -> dict[int, float]:
     return counted
 
 
+def _wait_for_counts(directory: Path, expected: dict[int, float], timeout_seconds: float = 10.0) -> dict:
+    """Poll the counter files until they hold `expected`; return the last reading.
+
+    Each worker counts a call on its recorder's writer thread, within the
+    recorder's flush interval (0.2 s by default) after the call.
+    """
+    deadline = time.monotonic() + timeout_seconds
+    while True:
+        counted = _calls_counted_by_pid(directory)
+        if counted == expected or time.monotonic() > deadline:
+            return counted
+        time.sleep(0.05)
+
+
 def _assert_every_worker_serves_totals(server: Gunicorn, calls: int) -> None:
-    """Scrape through each worker in turn; every one must return the totals of all."""
+    """Scrape through each worker in turn; every one must return the totals of all.
+
+    A worker counts a call within its recorder's flush interval (0.2 s), so
+    a scrape through another worker may lag by that much; each worker gets
+    a few seconds to catch up, and must then serve the exact totals.
+    """
     for pid in server.worker_pids():
-        with server.pinned(pid):
-            exposition = server.metrics()
+        deadline = time.monotonic() + 5
+        while True:
+            with server.pinned(pid):
+                exposition = server.metrics()
+            if sample_sum(exposition, "llmcost_calls_total") == calls or time.monotonic() > deadline:
+                break
+            time.sleep(0.1)
         served_by = f"scrape served by worker {pid}"
         assert sample_sum(exposition, "llmcost_calls_total") == calls, served_by
         expected_cost = pytest.approx(calls * EXAMPLE_CALL_COST_USD, abs=1e-9)
@@ -157,7 +182,8 @@ def test_totals_survive_killed_worker(multiproc_env, tmp_path):
             with server.pinned(pid):
                 server.post_summaries(index + 1)
 
-        assert _calls_counted_by_pid(directory) == {pid: index + 1 for index, pid in enumerate(workers)}
+        expected = {pid: index + 1 for index, pid in enumerate(workers)}
+        assert _wait_for_counts(directory, expected) == expected
         _assert_every_worker_serves_totals(server, 10)
 
         victim = workers[-1]
