@@ -10,6 +10,7 @@ import contextlib
 import glob
 import os
 import signal
+import struct
 import subprocess
 import time
 import sys
@@ -112,7 +113,12 @@ def _calls_counted_by_pid(directory: Path) -> dict[int, float]:
     counted = {}
     for path in glob.glob(str(directory / "counter_*.db")):
         pid = int(Path(path).stem.split("_")[1])
-        families = multiprocess.MultiProcessCollector.merge([path], accumulate=False)
+        try:
+            families = multiprocess.MultiProcessCollector.merge([path], accumulate=False)
+        except struct.error:
+            # A worker that is starting has created its file but not yet
+            # written its header; the caller polls again.
+            continue
         counted[pid] = sum(
             sample.value
             for family in families

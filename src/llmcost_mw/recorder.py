@@ -4,17 +4,20 @@ A background writer drains the queue into one transaction per batch. While
 the store is unavailable, events wait in memory up to `max_queue_events` and
 then spill to an append-only file, which is replayed once the store is back,
 so an event is never dropped. At exit, and on SIGTERM when the process has
-no handler of its own, everything queued is written before the process ends.
+no handler of its own, everything queued is written (or, if the store is
+still unavailable, spilled) before the process ends.
 
 Worst case with the default `durability="batch"`: a SIGKILL loses the events
-queued since the last write, at most `flush_interval_seconds` (0.2 s) of
-events plus the batch being written. `durability="sync"` writes each event
-on the caller's thread instead.
+recorded since the last write started, that is those of the last
+`flush_interval_seconds` (0.2 s) plus the time one batch write takes.
+`durability="sync"` writes each event on the caller's thread instead.
+docs/durability.md describes each failure.
 """
 
 from __future__ import annotations
 
 import atexit
+import contextlib
 import contextvars
 import hashlib
 import json
@@ -24,10 +27,17 @@ import signal
 import threading
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from datetime import datetime
 from pathlib import Path
 from typing import Any
+
+try:
+    import fcntl
+except ImportError:  # Windows
+    fcntl = None  # type: ignore[assignment]
+
+import sqlalchemy as sa
 
 from .errors import ConfigurationError
 from .events import CostEvent
@@ -38,6 +48,13 @@ __all__ = ["Recorder"]
 logger = logging.getLogger(__name__)
 
 _DURABILITY = ("batch", "sync")
+
+# Errors caused by the values of a row, which no retry fixes: a NOT NULL
+# column left empty, a number out of the column's range.
+_ROW_ERRORS = (sa.exc.DataError, sa.exc.IntegrityError)
+
+# A row that the store rejected, with the error it raised.
+_Rejected = tuple[dict[str, Any], Exception]
 
 
 class _RateLimitedLog:
@@ -92,11 +109,17 @@ class Recorder:
         self._on_queue_depth = on_queue_depth
 
         self._queue: deque[CostEvent] = deque()
-        self._in_flight = 0
+        self._in_flight: list[CostEvent] = []
         self._wake = threading.Event()
         self._idle = threading.Condition()
-        self._spill_lock = threading.Lock()
-        self._spilled = self.spill_path.exists() or _replaying_path(self.spill_path).exists()
+        self._spill = _SpillFile(self.spill_path)
+        # Set by the writer: the monotonic start of the write in progress (0.0
+        # when idle), and whether the last write failed. While the store is
+        # slow or down, record() reports the queue depth itself, since the
+        # writer cannot until its write returns.
+        self._write_started = 0.0
+        self._failing = False
+        self._failed_attempts = 0
         self._stopping = False
         self._thread: threading.Thread | None = None
         self._start_lock = threading.Lock()
@@ -107,10 +130,15 @@ class Recorder:
     @property
     def queued(self) -> int:
         """Events not yet written: in memory, in the batch being written, and spilled."""
-        return len(self._queue) + self._in_flight
+        return len(self._queue) + len(self._in_flight) + self._spill.count
 
     def record(self, event: CostEvent) -> None:
-        """Queue one event. Never raises and never blocks on the store."""
+        """Queue one event. Never raises and never blocks on the store.
+
+        Past `max_queue_events` the event is appended to the spill file on
+        the caller's thread, without fsync: a write to the page cache takes
+        microseconds, where an fsync per event could take milliseconds.
+        """
         if self.durability == "sync" and self._write_now(event):
             return
         if len(self._queue) < self.max_queue_events or not self._try_spill([event]):
@@ -121,12 +149,16 @@ class Recorder:
             self.start()
         if len(self._queue) >= self.batch_size:
             self._wake.set()
+        write_started = self._write_started
+        stalled = write_started and time.monotonic() - write_started > self.flush_interval_seconds
+        if self._failing or stalled:
+            self._report_depth()
 
     def flush(self, timeout_seconds: float | None = 30.0, *, include_spilled: bool = True) -> bool:
         """Wait until every queued (and, by default, spilled) event is written; return False on timeout."""
 
         def pending() -> bool:
-            return bool(self._queue or self._in_flight or (include_spilled and self._spilled))
+            return bool(self._queue or self._in_flight or (include_spilled and self._spill.has_events()))
 
         if not pending():
             return True
@@ -147,8 +179,8 @@ class Recorder:
         """Write what is queued in memory, then stop the writer.
 
         Events that could not be written within the timeout are spilled to
-        disk and written by the next recorder on the same store. Events
-        already spilled stay there; closing does not wait for them.
+        disk (with fsync) and written by the next recorder on the same store.
+        Events already spilled stay there; closing does not wait for them.
         """
         self.flush(timeout_seconds, include_spilled=False)
         self._stopping = True
@@ -158,6 +190,11 @@ class Recorder:
             thread.join(timeout=5.0)
         atexit.unregister(self.close)
         leftover = list(self._queue)
+        if thread is not None and thread.is_alive():
+            # The writer is stuck in a write that may still fail after this
+            # process is gone, so its batch is saved too. Should the write
+            # succeed, the replay skips the batch's event ids.
+            leftover.extend(self._in_flight)
         if leftover:
             self._queue.clear()
             if self._try_spill(leftover):
@@ -168,6 +205,7 @@ class Recorder:
                     len(leftover),
                     self.spill_path,
                 )
+        self._spill.close()
 
     def start(self) -> None:
         """Start the background writer; `record()` starts it on first use otherwise."""
@@ -190,16 +228,23 @@ class Recorder:
         # on the child's first event.
         self._thread = None
         self._start_lock = threading.Lock()
+        self._spill.after_fork()
         self._idle = threading.Condition()
         self._wake = threading.Event()
         self._queue = deque()
-        self._in_flight = 0
+        self._in_flight = []
+        self._write_started = 0.0
+        self._failing = False
 
     def _write_now(self, event: CostEvent) -> bool:
         try:
             self.store.insert_events([event.to_row()])
         except Exception as exc:
-            self._errors.error("writing a cost event to %s failed, queued instead: %s", self.store.safe_url, exc)
+            self._failing = True
+            self._failed_attempts += 1
+            self._errors.error(
+                "writing a cost event to %s failed, queued instead: %s", self.store.safe_url, exc
+            )
             return False
         self.written += 1
         return True
@@ -211,10 +256,13 @@ class Recorder:
             self._wake.clear()
             try:
                 drained = self._drain()
-                if self._spilled and not self._queue:
-                    self._replay_spill()
+                replayed = not self._queue and self._replay_spill()
                 backoff = 0.0
+                if drained or replayed:
+                    self._recovered()
             except Exception as exc:
+                self._failing = True
+                self._failed_attempts += 1
                 self._errors.error(
                     "writing cost events to %s failed; %d events wait and will be retried: %s",
                     self.store.safe_url,
@@ -225,11 +273,25 @@ class Recorder:
                 drained = False
                 if self._stopping:
                     break
+            finally:
+                self._write_started = 0.0
             self._report_depth()
             with self._idle:
                 self._idle.notify_all()
             if self._stopping and not drained and not self._queue:
                 break
+
+    def _recovered(self) -> None:
+        if not self._failing:
+            return
+        self._failing = False
+        logger.warning(
+            "the store at %s is available again after %d failed write attempts; "
+            "the waiting events are written",
+            self.store.safe_url,
+            self._failed_attempts,
+        )
+        self._failed_attempts = 0
 
     def _drain(self) -> bool:
         """Write the queue in batches; return True when anything was written."""
@@ -238,64 +300,139 @@ class Recorder:
             batch: list[CostEvent] = []
             while self._queue and len(batch) < self.batch_size:
                 batch.append(self._queue.popleft())
-            self._in_flight = len(batch)
+            self._in_flight = batch
+            self._write_started = time.monotonic()
             try:
-                self.store.insert_events([event.to_row() for event in batch])
+                self._insert_rows(self._rows_of(batch))
             except Exception:
                 # Back to the front, in order, to be retried.
                 self._queue.extendleft(reversed(batch))
                 raise
             finally:
-                self._in_flight = 0
+                self._in_flight = []
             self.written += len(batch)
             wrote = True
         return wrote
 
+    def _rows_of(self, events: list[CostEvent]) -> list[dict[str, Any]]:
+        """Build the rows of events; an event whose row cannot be built is logged and left out."""
+        rows = []
+        for event in events:
+            try:
+                rows.append(event.to_row())
+            except Exception:
+                logger.exception("cannot build the row of cost event %s; it is not written", event.event_id)
+        return rows
+
+    def _insert_rows(self, rows: list[dict[str, Any]]) -> None:
+        """Insert rows in one transaction, or find and set aside the rows that the store rejects.
+
+        When the store rejects a batch for its values, the batch is split in
+        halves until the rejected rows stand alone. Those go to the rejected
+        file and the others are written. Raises when no row of the batch
+        could be written, since the cause is then likely the store, not a
+        row, and the batch is retried later.
+        """
+        # NOTE: so a batch of one rejected row is retried until a later event
+        # joins it, and a spill file whose every row is rejected is replayed
+        # again and again.
+        try:
+            self.store.insert_events(rows)
+            return
+        except _ROW_ERRORS as exc:
+            if len(rows) == 1:
+                raise
+            batch_error = exc
+        rejected: list[_Rejected] = []
+        if not self._insert_halves(rows, rejected):
+            raise batch_error
+        for row, error in rejected:
+            self._reject(row, error)
+
+    def _insert_halves(self, rows: list[dict[str, Any]], rejected: list[_Rejected]) -> int:
+        """Insert both halves of rows, splitting each that fails; return the number of rows written."""
+        if len(rows) == 1:
+            try:
+                self.store.insert_events(rows)
+            except _ROW_ERRORS as exc:
+                rejected.append((rows[0], exc))
+                return 0
+            return 1
+        middle = len(rows) // 2
+        written = 0
+        for part in (rows[:middle], rows[middle:]):
+            try:
+                self.store.insert_events(part)
+                written += len(part)
+            except _ROW_ERRORS:
+                written += self._insert_halves(part, rejected)
+        return written
+
+    def _reject(self, row: dict[str, Any], error: Exception) -> None:
+        """Save a row that the store rejects to the rejected file, to be fixed and loaded by hand."""
+        path = _rejected_path(self.spill_path)
+        message = str(error).splitlines()[0] if str(error) else type(error).__name__
+        # default=str: the row may hold the very value that the store rejected.
+        record = {"error": message, "row": row}
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            with open(path, "a", encoding="utf-8") as rejected:
+                rejected.write(json.dumps(record, default=str) + "\n")
+        except OSError as exc:
+            event_id = row.get("event_id")
+            logger.error("cannot write the rejected file %s (%s); cost event %s is lost", path, exc, event_id)
+            return
+        self._errors.error(
+            "the store at %s rejected cost event %s (%s); its row was saved to %s",
+            self.store.safe_url,
+            row.get("event_id"),
+            message,
+            path,
+        )
+
     def _try_spill(self, events: list[CostEvent]) -> bool:
         """Append events to the spill file; return False (and log) when the file cannot be written."""
-        lines = "".join(json.dumps(_encode_row(event.to_row())) + "\n" for event in events)
+        rows = self._rows_of(events)
+        lines = "".join(json.dumps(_encode_row(row)) + "\n" for row in rows)
         try:
-            with self._spill_lock:
-                self.spill_path.parent.mkdir(parents=True, exist_ok=True)
-                with open(self.spill_path, "a", encoding="utf-8") as spill:
-                    spill.write(lines)
-                    spill.flush()
-                    os.fsync(spill.fileno())
-                self._spilled = True
+            self._spill.append(lines.encode("utf-8"), len(rows))
         except OSError as exc:
             self._errors.error(
-                "cannot write the spill file %s (%s); %d events stay in memory", self.spill_path, exc, len(events)
+                "cannot write the spill file %s (%s); %d events stay in memory",
+                self.spill_path,
+                exc,
+                len(events),
             )
             return False
         return True
 
-    def _replay_spill(self) -> None:
-        replaying = _replaying_path(self.spill_path)
-        with self._spill_lock:
-            if not replaying.exists():
-                if not self.spill_path.exists():
-                    self._spilled = False
-                    return
-                os.replace(self.spill_path, replaying)
-        rows: list[dict[str, Any]] = []
-        with open(replaying, encoding="utf-8") as spilled:
-            for line_number, line in enumerate(spilled, 1):
-                if not line.strip():
-                    continue
-                try:
-                    rows.append(_decode_row(json.loads(line)))
-                except (ValueError, KeyError) as exc:
-                    # A torn last line from a crash mid-write; the rest is kept.
-                    logger.warning("skipping unreadable line %d of %s: %s", line_number, replaying, exc)
-        for start in range(0, len(rows), self.batch_size):
-            self.store.insert_events(rows[start : start + self.batch_size])
-        # Duplicates are skipped by event id, so a crash before this unlink
-        # only causes a harmless second replay.
-        os.unlink(replaying)
+    def _replay_spill(self) -> bool:
+        """Write the spill file to the store; return False when there was none to write."""
+        if not self._spill.has_events():
+            return False
+        with self._spill.replaying() as replaying:
+            if replaying is None:
+                return False
+            rows: list[dict[str, Any]] = []
+            with open(replaying, encoding="utf-8") as spilled:
+                for line_number, line in enumerate(spilled, 1):
+                    if not line.strip():
+                        continue
+                    try:
+                        rows.append(_decode_row(json.loads(line)))
+                    except (ValueError, KeyError) as exc:
+                        # A torn last line from a crash mid-write; the rest is kept.
+                        logger.warning("skipping unreadable line %d of %s: %s", line_number, replaying, exc)
+            self._write_started = time.monotonic()
+            for start in range(0, len(rows), self.batch_size):
+                self._insert_rows(rows[start : start + self.batch_size])
+            # Duplicates are skipped by event id, so a crash before this
+            # unlink only causes a harmless second replay.
+            os.unlink(replaying)
+        self._spill.recount()
         self.written += len(rows)
         logger.info("wrote %d spilled cost events from %s", len(rows), replaying)
-        with self._spill_lock:
-            self._spilled = self.spill_path.exists()
+        return True
 
     def _report_depth(self) -> None:
         if self._on_queue_depth is not None:
@@ -303,6 +440,170 @@ class Recorder:
                 self._on_queue_depth(self.queued)
             except Exception:
                 logger.exception("the queue depth callback failed")
+
+
+class _SpillFile:
+    """The append-only file of events that did not fit in the queue.
+
+    Every process that records into one store shares the file, because the
+    default path depends on the store alone. An append takes an exclusive
+    `flock` on the file. A replay takes a lock file, so that one process
+    replays at a time, and renames the spill file away under the file's
+    `flock`. An appender that finds the path renamed reopens it, so no
+    event is appended to a file that is being replayed.
+    """
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.replaying_path = _replaying_path(path)
+        self.lock_path = path.with_name(path.name + ".lock")
+        self._fd: int | None = None
+        self._lock = threading.Lock()
+        # Spilled events not yet written, for the queue depth; a process
+        # counts its own appends and recounts the lines after a replay.
+        self.count = _count_lines(self.path) + _count_lines(self.replaying_path)
+
+    def has_events(self) -> bool:
+        return self.path.exists() or self.replaying_path.exists()
+
+    def append(self, data: bytes, events: int) -> None:
+        """Append whole lines; on failure, cut the file back to its size before and raise OSError."""
+        with self._lock:
+            while True:
+                fd = self._open()
+                _flock(fd, exclusive=True)
+                try:
+                    if not self._is_current(fd):
+                        # A replay renamed the file away: append to the new one.
+                        self._close_locked(sync=False)
+                        continue
+                    size = os.fstat(fd).st_size
+                    try:
+                        _write_all(fd, data)
+                    except OSError:
+                        # A partial line would merge with the next append
+                        # and make both unreadable.
+                        with contextlib.suppress(OSError):
+                            os.ftruncate(fd, size)
+                        raise
+                finally:
+                    if self._fd == fd:
+                        _flock(fd, exclusive=False)
+                self.count += events
+                return
+
+    @contextlib.contextmanager
+    def replaying(self) -> Iterator[Path | None]:
+        """Yield the file to replay, or None when there is none or another process replays it.
+
+        The caller writes the file's events and unlinks it while the lock is held.
+        """
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        lock_fd = os.open(self.lock_path, os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            if not _flock(lock_fd, exclusive=True, blocking=False):
+                yield None
+                return
+            if not self.replaying_path.exists():
+                with self._lock:
+                    self._close_locked(sync=False)
+                if not self._rename_for_replay():
+                    yield None
+                    return
+            yield self.replaying_path
+        finally:
+            os.close(lock_fd)
+
+    def recount(self) -> None:
+        with self._lock:
+            self.count = _count_lines(self.path) + _count_lines(self.replaying_path)
+
+    def close(self) -> None:
+        """Sync the appended lines to disk and close the file."""
+        with self._lock:
+            self._close_locked(sync=True)
+
+    def after_fork(self) -> None:
+        # The parent's descriptor stays the parent's; this process opens its own.
+        self._lock = threading.Lock()
+        self._fd = None
+
+    def _open(self) -> int:
+        if self._fd is None:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self._fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+        return self._fd
+
+    def _is_current(self, fd: int) -> bool:
+        try:
+            return os.stat(self.path).st_ino == os.fstat(fd).st_ino
+        except FileNotFoundError:
+            return False
+
+    def _rename_for_replay(self) -> bool:
+        try:
+            fd = os.open(self.path, os.O_RDONLY)
+        except FileNotFoundError:
+            return False
+        try:
+            # Waits for an append in progress in any process.
+            _flock(fd, exclusive=True)
+            if not self._is_current(fd):
+                return False
+            os.rename(self.path, self.replaying_path)
+            return True
+        finally:
+            os.close(fd)
+
+    def _close_locked(self, *, sync: bool) -> None:
+        fd, self._fd = self._fd, None
+        if fd is None:
+            return
+        try:
+            if sync:
+                os.fsync(fd)
+        except OSError as exc:
+            logger.error("cannot sync the spill file %s to disk: %s", self.path, exc)
+        finally:
+            os.close(fd)
+
+
+def _flock(fd: int, *, exclusive: bool, blocking: bool = True) -> bool:
+    """Lock or unlock `fd` across processes; return False when a non-blocking lock is taken by another."""
+    # NOTE: without fcntl (Windows) nothing is locked, so two processes that
+    # spill into one file can lose events when one of them replays it.
+    if fcntl is None:
+        return True
+    operation = fcntl.LOCK_EX if exclusive else fcntl.LOCK_UN
+    if not blocking:
+        operation |= fcntl.LOCK_NB
+    try:
+        fcntl.flock(fd, operation)
+    except BlockingIOError:
+        return False
+    return True
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        written = os.write(fd, view)
+        view = view[written:]
+
+
+def _count_lines(path: Path) -> int:
+    try:
+        with open(path, "rb") as lines:
+            return sum(chunk.count(b"\n") for chunk in iter(lambda: lines.read(1 << 20), b""))
+    except FileNotFoundError:
+        return 0
+    except OSError as exc:
+        logger.error("cannot read the spill file %s: %s", path, exc)
+        return 0
+
+
+def _rejected_path(spill_path: Path) -> Path:
+    return spill_path.with_name(spill_path.name + ".rejected")
 
 
 def _replaying_path(spill_path: Path) -> Path:
