@@ -12,6 +12,7 @@ import sqlalchemy as sa
 from llmcost_mw.alerts import Rule, builtin_rules, check_rule, load_rules, parse_rules
 from llmcost_mw.errors import RuleError
 from llmcost_mw.events import CostEvent
+from llmcost_mw.store import Store
 from llmcost_mw.usage import Usage
 
 NOW = datetime(2025, 3, 10, 3, 0)
@@ -30,6 +31,14 @@ def cost_row(ts, cost, *, user="alice", feature="chat", model="claude-sonnet-4-5
         unpriced=unpriced,
     )
     return event.to_row()
+
+
+@pytest.fixture
+def store(backend_url):
+    """The store of each test, on SQLite and on PostgreSQL."""
+    store = Store(backend_url)
+    yield store
+    store.dispose()
 
 
 def builtin(name, **changes):

@@ -55,6 +55,14 @@ def rules_named(*names):
 
 
 @pytest.fixture
+def store(backend_url):
+    """The store of each test, on SQLite and on PostgreSQL."""
+    store = Store(backend_url)
+    yield store
+    store.dispose()
+
+
+@pytest.fixture
 def clock():
     return Clock(START)
 
