@@ -201,3 +201,11 @@ def test_bad_numbers_are_config_errors(tmp_path, args):
     assert result.returncode == 2
     assert "invalid --" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize("url", ["sqlite://", "sqlite:///", "sqlite:///:memory:"], ids=["bare", "empty", "memory"])
+def test_in_memory_store_is_rejected(url):
+    result = _llmcost("report", "--database-url", url)
+
+    assert result.returncode == 2
+    assert "in-memory SQLite store" in result.stderr

@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import re
 import signal
 import sys
 import threading
@@ -28,7 +29,15 @@ EXIT_CONFIG_ERROR = 2
 
 
 def _database_url(args: argparse.Namespace) -> str:
-    return args.database_url or os.environ.get("LLMCOST_DATABASE_URL") or DEFAULT_DATABASE_URL
+    url = args.database_url or os.environ.get("LLMCOST_DATABASE_URL") or DEFAULT_DATABASE_URL
+    # An in-memory SQLite store is empty in every new process, so a command
+    # given one would read or watch nothing and still succeed.
+    if re.fullmatch(r"sqlite(\+\w+)?://(/(:memory:)?)?", url.strip()):
+        raise ConfigurationError(
+            f"the database URL {url!r} names an in-memory SQLite store, which no other process can see; "
+            "give the file your app writes to, e.g. sqlite:///costs.db"
+        )
+    return url
 
 
 def _safe_database_url(args: argparse.Namespace) -> str:
