@@ -82,7 +82,7 @@ def compare_with_genai_prices(book: PriceBook) -> tuple[str, int]:
         import genai_prices
     except ImportError as exc:
         raise ConfigurationError(
-            "`llmcost prices --compare` needs the genai-prices package: pip install genai-prices"
+            "`llmcost prices --compare` needs the genai-prices package: pip install 'llmcost-mw[compare]'"
         ) from exc
 
     differing: list[str] = []
