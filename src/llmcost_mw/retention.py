@@ -12,7 +12,7 @@ the previous pass. Two values in `llmcost_meta` track it:
   writer) has a higher id, and the next roll-up adds it to that day.
 
 `prune()` rolls up, then deletes raw rows of days that ended more than N
-days ago; reports and the p95 baseline keep reading those days from the
+days ago. Reports and the p95 baseline keep reading those days from the
 roll-ups.
 """
 

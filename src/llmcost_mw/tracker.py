@@ -48,9 +48,9 @@ class Tracker:
     def track(self, event: CostEvent) -> None:
         """Queue one event; it is priced and counted before its row is built.
 
-        Pricing and counting run off the caller's thread, in the recorder's
-        writer (or whoever builds a row first, or `process_pending()`), so a
-        counter rises up to the recorder's flush interval after the call. In
+        Pricing and counting run off the caller's thread: in the recorder's
+        writer, or in `process_pending()` when a `/metrics` endpoint calls it.
+        So a counter rises up to the recorder's flush interval after the call. In
         strict mode the event is priced here instead, and UnpricedModelError
         is raised after the row is queued. Any other failure is logged, never
         raised: the caller's LLM call has already succeeded.
