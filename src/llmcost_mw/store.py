@@ -114,10 +114,27 @@ alert_outbox = sa.Table(
     sa.Index("ix_alert_outbox_pending", "delivered_at", "next_attempt_at"),
 )
 
-# Daily totals per provider, model, feature and user. `llmcost prune` rolls
-# raw rows up into it before deleting them; reports and the p95 baseline
-# read it for days whose raw rows are gone. Rows are additive: two rows for
-# the same group and day are summed, never replaced.
+def _daily_total_columns() -> list[sa.Column]:
+    """Return new Column objects for the sums that both daily roll-up tables keep."""
+    return [
+        sa.Column("calls", sa.Integer, nullable=False),
+        sa.Column("error_calls", sa.Integer, nullable=False, default=0),
+        sa.Column("unpriced_calls", sa.Integer, nullable=False, default=0),
+        sa.Column("prompt_tokens", sa.BigInteger, nullable=False, default=0),
+        sa.Column("completion_tokens", sa.BigInteger, nullable=False, default=0),
+        sa.Column("input_tokens", sa.BigInteger, nullable=False, default=0),
+        sa.Column("cache_write_tokens", sa.BigInteger, nullable=False, default=0),
+        sa.Column("cache_read_tokens", sa.BigInteger, nullable=False, default=0),
+        sa.Column("output_tokens", sa.BigInteger, nullable=False, default=0),
+        sa.Column("cost_usd", sa.Float(precision=53)),
+        sa.Column("latency_ms_sum", sa.Float(precision=53), nullable=False, default=0.0),
+    ]
+
+
+# Daily totals per provider, model, feature and user, for each complete UTC
+# day (see `retention`). Reports read it for days whose raw rows were
+# pruned. Rows are additive: two rows for the same group and day are summed,
+# never replaced.
 cost_daily = sa.Table(
     "cost_daily",
     metadata,
@@ -127,17 +144,7 @@ cost_daily = sa.Table(
     sa.Column("model", sa.String(255), nullable=False),
     sa.Column("feature", sa.String(255)),
     sa.Column("user_id", sa.String(255)),
-    sa.Column("calls", sa.Integer, nullable=False),
-    sa.Column("error_calls", sa.Integer, nullable=False, default=0),
-    sa.Column("unpriced_calls", sa.Integer, nullable=False, default=0),
-    sa.Column("prompt_tokens", sa.BigInteger, nullable=False, default=0),
-    sa.Column("completion_tokens", sa.BigInteger, nullable=False, default=0),
-    sa.Column("input_tokens", sa.BigInteger, nullable=False, default=0),
-    sa.Column("cache_write_tokens", sa.BigInteger, nullable=False, default=0),
-    sa.Column("cache_read_tokens", sa.BigInteger, nullable=False, default=0),
-    sa.Column("output_tokens", sa.BigInteger, nullable=False, default=0),
-    sa.Column("cost_usd", sa.Float(precision=53)),
-    sa.Column("latency_ms_sum", sa.Float(precision=53), nullable=False, default=0.0),
+    *_daily_total_columns(),
     sa.Index("ix_cost_daily_day_feature", "day", "feature"),
     sa.Index("ix_cost_daily_day_user", "day", "user_id"),
 )
@@ -153,17 +160,7 @@ cost_daily_feature = sa.Table(
     sa.Column("provider", sa.String(64), nullable=False),
     sa.Column("model", sa.String(255), nullable=False),
     sa.Column("feature", sa.String(255)),
-    sa.Column("calls", sa.Integer, nullable=False),
-    sa.Column("error_calls", sa.Integer, nullable=False, default=0),
-    sa.Column("unpriced_calls", sa.Integer, nullable=False, default=0),
-    sa.Column("prompt_tokens", sa.BigInteger, nullable=False, default=0),
-    sa.Column("completion_tokens", sa.BigInteger, nullable=False, default=0),
-    sa.Column("input_tokens", sa.BigInteger, nullable=False, default=0),
-    sa.Column("cache_write_tokens", sa.BigInteger, nullable=False, default=0),
-    sa.Column("cache_read_tokens", sa.BigInteger, nullable=False, default=0),
-    sa.Column("output_tokens", sa.BigInteger, nullable=False, default=0),
-    sa.Column("cost_usd", sa.Float(precision=53)),
-    sa.Column("latency_ms_sum", sa.Float(precision=53), nullable=False, default=0.0),
+    *_daily_total_columns(),
     sa.Index("ix_cost_daily_feature_feature_day", "feature", "day"),
     sa.Index("ix_cost_daily_feature_day", "day"),
 )
