@@ -49,6 +49,9 @@ logger = logging.getLogger(__name__)
 
 _DURABILITY = ("batch", "sync")
 
+# How many times `batch_size` one transaction takes while a backlog waits.
+BACKLOG_BATCH_FACTOR = 5
+
 # Errors caused by the values of a row, which no retry fixes: a NOT NULL
 # column left empty, a number out of the column's range.
 _ROW_ERRORS = (sa.exc.DataError, sa.exc.IntegrityError)
@@ -297,8 +300,11 @@ class Recorder:
         """Write the queue in batches; return True when anything was written."""
         wrote = False
         while self._queue:
+            # A backlog is written in larger transactions: the commit, which
+            # writes every changed page to the WAL, is paid once per batch.
+            size = self.batch_size * (BACKLOG_BATCH_FACTOR if len(self._queue) > 2 * self.batch_size else 1)
             batch: list[CostEvent] = []
-            while self._queue and len(batch) < self.batch_size:
+            while self._queue and len(batch) < size:
                 batch.append(self._queue.popleft())
             self._in_flight = batch
             self._write_started = time.monotonic()
