@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import os
 from collections.abc import Callable
 
 import anthropic
@@ -103,18 +102,10 @@ def api():
 @pytest.fixture(scope="session")
 def postgres_server():
     """A PostgreSQL server owned by the test session; skipped where PostgreSQL is missing, except in CI."""
-    from postgres_server import PostgresServer, find_bindir
+    from postgres_server import running_postgres
 
-    bindir = find_bindir()
-    if bindir is None:
-        if os.environ.get("CI") == "true":
-            pytest.fail("PostgreSQL is not installed, and CI must run the PostgreSQL tests (apt-get install postgresql)")
-        pytest.skip("PostgreSQL is not installed")
-    server = PostgresServer(bindir)
-    server.initialize()
-    server.start()
-    yield server
-    server.destroy()
+    with running_postgres() as server:
+        yield server
 
 
 @pytest.fixture(params=["sqlite", "postgresql"])

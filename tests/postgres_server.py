@@ -17,7 +17,11 @@ import subprocess
 import tempfile
 import time
 import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
+
+import pytest
 
 
 def find_bindir() -> Path | None:
@@ -95,3 +99,20 @@ class PostgresServer:
     def destroy(self) -> None:
         self.stop()
         shutil.rmtree(self.root, ignore_errors=True)
+
+
+@contextmanager
+def running_postgres() -> Iterator[PostgresServer]:
+    """Start a throwaway server for a fixture; skip where PostgreSQL is missing, but fail under CI=true."""
+    bindir = find_bindir()
+    if bindir is None:
+        if os.environ.get("CI") == "true":
+            pytest.fail("PostgreSQL is not installed, and CI must run the PostgreSQL tests (apt-get install postgresql)")
+        pytest.skip("PostgreSQL is not installed")
+    server = PostgresServer(bindir)
+    server.initialize()
+    server.start()
+    try:
+        yield server
+    finally:
+        server.destroy()

@@ -322,18 +322,10 @@ def failed_attempts_now(recorder: Recorder) -> int:
 @pytest.fixture(scope="module")
 def own_postgres():
     """A PostgreSQL server for this module alone, since its tests stop it."""
-    from postgres_server import PostgresServer, find_bindir
+    from postgres_server import running_postgres
 
-    bindir = find_bindir()
-    if bindir is None:
-        if os.environ.get("CI") == "true":
-            pytest.fail("PostgreSQL is not installed, and CI must run the PostgreSQL tests")
-        pytest.skip("PostgreSQL is not installed")
-    server = PostgresServer(bindir)
-    server.initialize()
-    server.start()
-    yield server
-    server.destroy()
+    with running_postgres() as server:
+        yield server
 
 
 def test_postgres_restart_spills_then_writes_all(api, own_postgres, tmp_path, caplog):
