@@ -17,7 +17,7 @@ reports, warm (after one untimed pass):
 - one dry-run pass of `Watcher` with the built-in rules, which adds the
   roll-up refresh and the state lookups of the rows that fire;
 - the rules as shipped, forced to read the table without its indexes
-  (SQLite's `NOT INDEXED`). This stands in for the naive design's table,
+  (SQLite's `NOT INDEXED`). This replaces the naive design's table,
   which has no index. They run once, since they take seconds;
 - each query plan, flagging steps that read `cost_events` without a bound
   on `ts` (a table scan, or a walk of a whole index).

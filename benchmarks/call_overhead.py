@@ -71,7 +71,7 @@ def _client() -> anthropic.Anthropic:
 
 
 def _naive_logger(path: Path):
-    """The per-call connect, insert and commit of the design this package replaces."""
+    """Return a logger that connects, inserts and commits per call, as the design this package replaces does."""
     with sqlite3.connect(path) as conn:
         conn.execute(
             "CREATE TABLE IF NOT EXISTS cost_events (id INTEGER PRIMARY KEY, ts TEXT, provider TEXT, model TEXT, "

@@ -134,7 +134,7 @@ def test_set_attribution_mutates_in_place():
 
 
 def test_set_attribution_seen_by_thread():
-    # A worker thread that copied the context sees the change, because the
+    # A worker thread that copied the context reads the change, because the
     # scope object is shared, not copied.
     seen = {}
     with attribute(feature="f"):

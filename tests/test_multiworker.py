@@ -146,7 +146,7 @@ def _assert_every_worker_serves_totals(server: Gunicorn, calls: int) -> None:
     """Scrape through each worker in turn; every one must return the totals of all.
 
     A worker counts a call within its recorder's flush interval (0.2 s), so
-    a scrape through another worker may lag by that much; each worker gets
+    a scrape through another worker may lag by that much. Each worker gets
     a few seconds to catch up, and must then serve the exact totals.
     """
     for pid in server.worker_pids():

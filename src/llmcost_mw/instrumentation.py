@@ -106,8 +106,8 @@ def tracked_create(client: Any, *, feature: str | None = None, user_id: str | No
         instrument()
     create = client.messages.create
     scope = attribute(**{k: v for k, v in (("feature", feature), ("user_id", user_id)) if v is not None})
-    # The SDK wraps `AsyncMessages.create` in a plain function, so the
-    # client's type tells an async call apart, not the method.
+    # The SDK wraps `AsyncMessages.create` in a plain function, so an async
+    # call is detected from the client's type, not from the method.
     if isinstance(client, AsyncAPIClient) or inspect.iscoroutinefunction(inspect.unwrap(create)):
 
         async def call_async() -> Any:

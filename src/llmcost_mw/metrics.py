@@ -275,7 +275,7 @@ def _count_pending() -> None:
     """Count the calls that this process's tracker has queued but not counted yet.
 
     The tracker counts calls on the recorder's writer thread, up to its flush
-    interval after each call; a scrape must not miss the calls made just
+    interval after each call. A scrape must not miss the calls made just
     before it. Other worker processes count theirs within that interval.
     """
     from .instrumentation import current_tracker

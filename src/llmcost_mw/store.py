@@ -369,9 +369,9 @@ def _row_tuple(row: dict[str, Any], getter: _RowGetter, columns: tuple[str, ...]
 
 
 def _sqlite_tuple(values: tuple[Any, ...]) -> tuple[Any, ...]:
-    # sqlite3 binds bools as 1 and 0 already; only `ts` needs converting, to
-    # the text form SQLAlchemy's DateTime uses in SQLite, which hand-written
-    # `datetime('now', ...)` comparisons rely on.
+    # sqlite3 binds bools as 1 and 0 already, so only `ts` needs converting.
+    # It becomes the text form SQLAlchemy's DateTime uses in SQLite, which
+    # hand-written `datetime('now', ...)` comparisons rely on.
     ts = values[_TS_INDEX]
     if not isinstance(ts, datetime):
         return values

@@ -60,7 +60,6 @@ from __future__ import annotations
 import base64
 import binascii
 import copy
-import dataclasses
 import json
 import logging
 import socket

@@ -12,9 +12,9 @@ accepts the two ntfy publish forms:
 Every accepted message is kept in `messages`, with the request's
 Authorization header. `set_mode` changes how the server responds, at run time:
 
-* ``ok``: 200 with the message as JSON, as ntfy answers.
+* ``ok``: 200 with the message as JSON, as ntfy replies.
 * ``fail``: 500, and the message is dropped.
-* ``throttle``: 429, as ntfy answers when a visitor's rate limit is reached.
+* ``throttle``: 429, as ntfy replies when a visitor's rate limit is reached.
 * ``hang``: no answer for `hang_seconds` (longer than a client's timeout),
   then 503; the message is dropped.
 
