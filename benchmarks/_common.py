@@ -7,6 +7,7 @@ import os
 import platform
 import sqlite3
 from pathlib import Path
+from typing import Any
 
 # The table of the naive design: the contract columns only, and no index.
 NAIVE_SCHEMA = (
@@ -67,3 +68,18 @@ def rss_bytes() -> int:
             if line.startswith("VmRSS:"):
                 return int(line.split()[1]) * 1024
     raise RuntimeError("VmRSS not found in /proc/self/status")
+
+
+def naive_values(event: Any) -> tuple:
+    """Return the values of one `CostEvent` as the naive design inserts them."""
+    return (
+        event.ts.isoformat(" "),
+        event.provider,
+        event.model,
+        event.feature,
+        event.user_id,
+        event.usage.prompt_tokens,
+        event.usage.completion_tokens,
+        float(event.cost_usd),
+        event.latency_ms,
+    )

@@ -26,7 +26,7 @@ import time
 from decimal import Decimal
 from pathlib import Path
 
-from _common import create_naive_table, load_average, machine_summary, naive_record, rss_bytes
+from _common import create_naive_table, load_average, machine_summary, naive_record, naive_values, rss_bytes
 
 from llmcost_mw.events import CostEvent
 from llmcost_mw.recorder import Recorder
@@ -64,19 +64,7 @@ def run_naive(path: Path, events: int) -> float:
     gc.collect()
     before = rss_bytes()
     for seq in range(events):
-        event = make_event(seq)
-        values = (
-            event.ts.isoformat(" "),
-            event.provider,
-            event.model,
-            event.feature,
-            event.user_id,
-            event.usage.prompt_tokens,
-            event.usage.completion_tokens,
-            float(event.cost_usd),
-            event.latency_ms,
-        )
-        naive_record(path, values)
+        naive_record(path, naive_values(make_event(seq)))
     gc.collect()
     return (rss_bytes() - before) / MB
 

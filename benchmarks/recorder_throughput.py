@@ -31,7 +31,7 @@ import time
 from decimal import Decimal
 from pathlib import Path
 
-from _common import create_naive_table, load_average, machine_summary, naive_record
+from _common import create_naive_table, load_average, machine_summary, naive_record, naive_values
 
 from llmcost_mw.events import CostEvent
 from llmcost_mw.recorder import Recorder
@@ -61,20 +61,6 @@ def make_events(count: int, worker: int) -> list[CostEvent]:
         )
         for seq in range(count)
     ]
-
-
-def naive_values(event: CostEvent) -> tuple:
-    return (
-        event.ts.isoformat(" "),
-        event.provider,
-        event.model,
-        event.feature,
-        event.user_id,
-        event.usage.prompt_tokens,
-        event.usage.completion_tokens,
-        float(event.cost_usd),
-        event.latency_ms,
-    )
 
 
 # -- one process, several threads ----------------------------------------------
