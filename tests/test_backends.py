@@ -136,6 +136,89 @@ def test_insert_missing_keys_stored_null(backend_url):
     assert stored["flags"] is None
 
 
+def every_column_event() -> CostEvent:
+    """An event whose every column has a value that no other column has."""
+    return CostEvent(
+        provider="anthropic",
+        model="claude-sonnet-4-5-20250929",
+        usage=Usage(
+            input_tokens=11,
+            cache_write_5m_tokens=13,
+            cache_write_1h_tokens=17,
+            cache_read_tokens=19,
+            output_tokens=23,
+            reasoning_tokens=29,
+            web_search_requests=31,
+            web_fetch_requests=37,
+            service_tier="priority",
+        ),
+        status=Status.ERROR,
+        ts=datetime(2026, 2, 10, 14, 59, 58, 654321),
+        feature="summarize",
+        user_id="u-7",
+        request_id="req-41",
+        response_id="msg_43",
+        request_model="claude-sonnet-4-5",
+        error_type="overloaded_error",
+        cost_usd=Decimal("0.054399"),
+        price_version="2026-01-15",
+        price_id="claude-sonnet-4-5",
+        latency_ms=812.25,
+        context_missing=True,
+        flags=frozenset({"long_context"}),
+        event_id="e" * 32,
+    )
+
+
+EVERY_COLUMN_STORED = {
+    "event_id": "e" * 32,
+    "ts": datetime(2026, 2, 10, 14, 59, 58, 654321),
+    "provider": "anthropic",
+    "model": "claude-sonnet-4-5-20250929",
+    "request_model": "claude-sonnet-4-5",
+    "feature": "summarize",
+    "user_id": "u-7",
+    "request_id": "req-41",
+    "response_id": "msg_43",
+    "status": "error",
+    "error_type": "overloaded_error",
+    "prompt_tokens": 11 + 13 + 17 + 19,
+    "completion_tokens": 23,
+    "input_tokens": 11,
+    "cache_write_5m_tokens": 13,
+    "cache_write_1h_tokens": 17,
+    "cache_read_tokens": 19,
+    "output_tokens": 23,
+    "reasoning_tokens": 29,
+    "web_search_requests": 31,
+    "web_fetch_requests": 37,
+    "cost_usd": 0.054399,
+    "unpriced": False,
+    "price_version": "2026-01-15",
+    "price_id": "claude-sonnet-4-5",
+    "service_tier": "priority",
+    "latency_ms": 812.25,
+    "context_missing": True,
+    "flags": "long_context",
+}
+
+
+@pytest.mark.parametrize("path", ["values", "row dict"])
+def test_every_column_stored_in_place(backend_url, path):
+    store = Store(backend_url)
+    item = every_column_event()
+
+    if path == "values":
+        inserted = store.insert_values([store.event_values(item)])
+    else:
+        inserted = store.insert_events([item.to_row()])
+    stored = store.fetch_events()[0]
+    store.dispose()
+
+    assert inserted == 1
+    assert {name: value for name, value in stored.items() if name != "id"} == EVERY_COLUMN_STORED
+
+
 def test_ts_window_filter(backend_url):
     store = Store(backend_url)
     store.insert_events([row(NOW - timedelta(minutes=minutes), "0.01") for minutes in (1, 59, 61, 24 * 60)])

@@ -115,9 +115,9 @@ class ContextProbeStore(Store):
         super().__init__(url)
         self.seen_in_writer: list[object] = []
 
-    def insert_events(self, rows):
+    def insert_values(self, values):
         self.seen_in_writer.append(current_attribution())
-        return super().insert_events(rows)
+        return super().insert_values(values)
 
 
 def test_writer_context_has_no_attribution(db_path, tmp_path):
@@ -529,7 +529,7 @@ CHILD = textwrap.dedent(
     recorded = 0
     if write_log:
         log_fd = os.open(write_log, os.O_WRONLY | os.O_CREAT | os.O_APPEND)
-        insert = store.insert_events
+        insert = store.insert_values
 
         def logged_insert(rows):
             before = recorded
@@ -538,7 +538,7 @@ CHILD = textwrap.dedent(
             os.write(log_fd, f"{before} {started} {time.time()}\\n".encode())
             return inserted
 
-        store.insert_events = logged_insert
+        store.insert_values = logged_insert
 
     interval = 0.002 if mode == "steady" else 0.0
     for seq in range(count):

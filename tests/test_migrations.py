@@ -143,6 +143,7 @@ def test_version_1_upgrades_in_place(tmp_path):
     assert {"ix_cost_events_cost_ts", "uq_cost_events_response_id", "uq_cost_events_event_id"} <= indexes
     assert "ix_cost_events_ts" not in indexes
     assert "ix_cost_events_feature_ts" not in indexes
+    assert "ix_cost_events_user_ts" not in indexes
 
 
 def test_upgrade_is_idempotent(tmp_path):
@@ -219,3 +220,27 @@ def test_version_3_fills_feature_rollups(tmp_path):
     assert sum(calls for _, _, calls in per_feature) == 60
     assert "ix_cost_events_ts" not in indexes
     assert _schema_version(path) == str(SCHEMA_VERSION)
+
+
+def test_version_4_drops_user_index(tmp_path):
+    path = tmp_path / "v4.db"
+    store = Store(f"sqlite:///{path}")
+    events = [
+        CostEvent(provider="anthropic", model="claude-sonnet-4-6", usage=Usage(), user_id=f"u{n}") for n in range(7)
+    ]
+    store.insert_events([item.to_row() for item in events])
+    store.dispose()
+    with sqlite3.connect(path) as conn:
+        conn.execute("CREATE INDEX ix_cost_events_user_ts ON cost_events (user_id, ts)")
+        conn.execute("UPDATE llmcost_meta SET value = '4' WHERE key = 'schema_version'")
+
+    upgraded = Store(f"sqlite:///{path}")
+    count = upgraded.count_events()
+    upgraded.dispose()
+
+    with sqlite3.connect(path) as conn:
+        indexes = {name for (name,) in conn.execute("SELECT name FROM sqlite_master WHERE type = 'index'")}
+    assert count == 7
+    assert "ix_cost_events_user_ts" not in indexes
+    assert "ix_cost_events_cost_ts" in indexes
+    assert _schema_version(path) == "5"

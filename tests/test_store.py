@@ -79,6 +79,13 @@ def write(store, events) -> None:
     recorder.close(timeout_seconds=2)
 
 
+def spilled_event_ids(spill_path: Path) -> list[str]:
+    """Read the event ids of a spill file: each line is [layout, *values] with `event_id` first."""
+    lines = [json.loads(line) for line in spill_path.read_text("utf-8").splitlines()]
+    assert all(line[0] == 1 for line in lines)
+    return [line[1] for line in lines]
+
+
 @pytest.fixture
 def sql(db_path):
     connection = sqlite3.connect(db_path)
@@ -315,7 +322,8 @@ def test_spill_when_queue_full(locked_store, db_path, tmp_path):
     try:
         for item in events:
             recorder.record(item)
-        spilled = [json.loads(line) for line in spill_path.read_text("utf-8").splitlines()]
+        spilled = spilled_event_ids(spill_path)
+        spilled_count = recorder.spilled
         flushed_while_locked = recorder.flush(timeout_seconds=0.5)
         rows_while_locked = locker.execute("SELECT count(*) FROM cost_events").fetchone()[0]
     finally:
@@ -325,7 +333,8 @@ def test_spill_when_queue_full(locked_store, db_path, tmp_path):
     rows = locked_store.fetch_events()
     recorder.close(timeout_seconds=2)
 
-    assert [line["event_id"] for line in spilled] == [item.event_id for item in events[2:]]
+    assert spilled == [item.event_id for item in events[2:]]
+    assert spilled_count == 3
     assert flushed_while_locked is False
     assert rows_while_locked == 0
     assert flushed is True
@@ -388,7 +397,7 @@ def test_close_while_locked_spills_then_replays(locked_store, db_path, tmp_path)
         for item in events:
             recorder.record(item)
         recorder.close(timeout_seconds=0.5)
-        spilled = [json.loads(line)["event_id"] for line in spill_path.read_text("utf-8").splitlines()]
+        spilled = spilled_event_ids(spill_path)
     finally:
         locker.execute("COMMIT")
         locker.close()
@@ -475,3 +484,103 @@ def test_status_values_stored(store):
 
     assert [row["status"] for row in rows] == ["ok", "error"]
     assert rows[1]["error_type"] == "InternalServerError"
+
+
+# -- the spill file's format ------------------------------------------------------
+
+# The columns of spill layout 1, as files written by this version hold them.
+# Changing the inserted columns needs a new layout, and the old one kept, so
+# that spill files written before an upgrade are still read.
+SPILL_LAYOUT_1 = (
+    "event_id", "ts", "provider", "model", "request_model", "feature", "user_id", "request_id",
+    "response_id", "status", "error_type", "prompt_tokens", "completion_tokens", "input_tokens",
+    "cache_write_5m_tokens", "cache_write_1h_tokens", "cache_read_tokens", "output_tokens",
+    "reasoning_tokens", "web_search_requests", "web_fetch_requests", "cost_usd", "unpriced",
+    "price_version", "price_id", "service_tier", "latency_ms", "context_missing", "flags",
+)  # fmt: skip
+
+
+def test_spill_layout_matches_inserted_columns():
+    from llmcost_mw.store import INSERT_COLUMNS
+
+    assert INSERT_COLUMNS == SPILL_LAYOUT_1, "the inserted columns changed: add a spill layout in recorder.py"
+
+
+def replay(store, spill_path: Path) -> Recorder:
+    recorder = Recorder(store, spill_path=spill_path, flush_interval_seconds=0.05)
+    assert recorder.flush(timeout_seconds=10)
+    recorder.close(timeout_seconds=2)
+    return recorder
+
+
+def test_spill_file_of_earlier_version_replayed(store, tmp_path):
+    # Earlier versions wrote one JSON object per row.
+    spill_path = tmp_path / "spill.jsonl"
+    items = [
+        event(cost="0.054399", user_id=f"u-{i}", input_tokens=12307, output_tokens=550) for i in range(3)
+    ]
+    lines = []
+    for item in items:
+        row = item.to_row()
+        row["ts"] = row["ts"].isoformat(sep=" ")
+        lines.append(json.dumps(row) + "\n")
+    spill_path.write_text("".join(lines), encoding="utf-8")
+
+    replay(store, spill_path)
+    rows = store.fetch_events()
+
+    assert [row["event_id"] for row in rows] == [item.event_id for item in items]
+    assert [row["ts"] for row in rows] == [item.ts for item in items]
+    assert {row["cost_usd"] for row in rows} == {0.054399}
+    assert {row["prompt_tokens"] for row in rows} == {12307}
+    assert not spill_path.exists()
+
+
+def test_unreadable_spill_lines_saved_as_rejected(store, tmp_path, caplog):
+    spill_path = tmp_path / "spill.jsonl"
+    good = [event(cost="1", user_id=f"u-{i}") for i in range(2)]
+    values = [json.dumps([1, *item.values(ts_as_text=True)]) for item in good]
+    unknown_layout = json.dumps([99, "x"])
+    torn = values[1][:40]
+    spill_path.write_text(f"{values[0]}\n{unknown_layout}\n{values[1]}\n{torn}", encoding="utf-8")
+
+    with caplog.at_level("ERROR", logger="llmcost_mw.recorder"):
+        replay(store, spill_path)
+    rejected = [json.loads(line) for line in Path(f"{spill_path}.rejected").read_text("utf-8").splitlines()]
+
+    assert sorted(row["event_id"] for row in store.fetch_events()) == sorted(item.event_id for item in good)
+    assert [record["line"] for record in rejected] == [unknown_layout, torn]
+    assert all(record["error"].startswith("unreadable spill line") for record in rejected)
+    assert "line 2 of" in caplog.text
+    assert not spill_path.exists()
+
+
+class SizeProbeStore(Store):
+    """A real SQLite store that notes how many rows each transaction inserts."""
+
+    def __init__(self, url: str) -> None:
+        super().__init__(url)
+        self.sizes: list[int] = []
+
+    def insert_values(self, values):
+        self.sizes.append(len(values))
+        return super().insert_values(values)
+
+
+def test_long_spill_file_replayed_in_transactions(db_path, tmp_path):
+    spill_path = tmp_path / "spill.jsonl"
+    items = [event(cost="0.01", user_id=f"u-{i % 7}") for i in range(2_300)]
+    spill_path.write_text(
+        "".join(json.dumps([1, *item.values(ts_as_text=True)]) + "\n" for item in items), encoding="utf-8"
+    )
+    store = SizeProbeStore(f"sqlite:///{db_path}")
+
+    recorder = Recorder(store, spill_path=spill_path, batch_size=100, flush_interval_seconds=0.05)
+    assert recorder.flush(timeout_seconds=10)
+    recorder.close(timeout_seconds=2)
+    count = store.count_events()
+    store.dispose()
+
+    # Five batches of 100 per transaction while a backlog waits.
+    assert store.sizes == [500, 500, 500, 500, 300]
+    assert count == 2_300

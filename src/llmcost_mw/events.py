@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import os
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from decimal import Decimal
-from collections.abc import Callable
 from typing import Any
 
-from .store import cost_events
+from .store import INSERT_COLUMNS, cost_events, ts_text
 from .usage import Usage
 
 __all__ = ["CostEvent", "Status", "utcnow"]
@@ -68,9 +68,14 @@ class CostEvent:
     prepare: Callable[[], None] | None = field(default=None, repr=False, compare=False)
 
     def to_row(self) -> dict[str, Any]:
-        """Flatten into the column values of `cost_events`.
+        """Flatten into a dict of the column values of `cost_events`; see `values`."""
+        return dict(zip(INSERT_COLUMNS, self.values(), strict=True))
 
-        Text that does not fit its column is cut and the row flagged
+    def values(self, *, ts_as_text: bool = False) -> tuple[Any, ...]:
+        """Flatten into the inserted values of `cost_events`, in `INSERT_COLUMNS` order.
+
+        `ts_as_text` gives `ts` in the text form that SQLite stores. Text
+        that does not fit its column is cut and the row flagged
         `value_truncated`, and NUL characters are removed: PostgreSQL rejects
         both, and one such value (a long `x-request-id` header sent by any
         client) would otherwise fail its whole batch.
@@ -79,51 +84,63 @@ class CostEvent:
             self.prepare()
         usage = self.usage
         flags = self.flags | usage.flags
-        row = {
-            "event_id": self.event_id,
-            "ts": self.ts,
-            "provider": self.provider,
-            "model": self.model,
-            "request_model": self.request_model,
-            "feature": self.feature,
-            "user_id": self.user_id,
-            "request_id": self.request_id,
-            "response_id": self.response_id,
-            "status": self.status,
-            "error_type": self.error_type,
-            "prompt_tokens": usage.prompt_tokens,
-            "completion_tokens": usage.completion_tokens,
-            "input_tokens": usage.input_tokens,
-            "cache_write_5m_tokens": usage.cache_write_5m_tokens,
-            "cache_write_1h_tokens": usage.cache_write_1h_tokens,
-            "cache_read_tokens": usage.cache_read_tokens,
-            "output_tokens": usage.output_tokens,
-            "reasoning_tokens": usage.reasoning_tokens,
-            "web_search_requests": usage.web_search_requests,
-            "web_fetch_requests": usage.web_fetch_requests,
-            "cost_usd": float(self.cost_usd) if self.cost_usd is not None else None,
-            "unpriced": self.unpriced,
-            "price_version": self.price_version,
-            "price_id": self.price_id,
-            "service_tier": usage.service_tier or ("batch" if self.batch else None),
-            "latency_ms": round(self.latency_ms, 3),
-            "context_missing": self.context_missing,
-            "flags": None,
-        }
-        for name in _TEXT_COLUMNS:
-            value = row[name]
+        texts = []
+        for name, value in (
+            ("model", self.model),
+            ("request_model", self.request_model),
+            ("feature", self.feature),
+            ("user_id", self.user_id),
+            ("request_id", self.request_id),
+            ("response_id", self.response_id),
+            ("error_type", self.error_type),
+        ):
             if value is not None:
                 fitted = _fit(value, _TEXT_LIMITS[name])
                 if fitted is not value:
-                    row[name] = fitted
+                    value = fitted
                     flags = flags | {"value_truncated"}
-        row["flags"] = ",".join(sorted(flags)) or None
-        return row
+            texts.append(value)
+        model, request_model, feature, user_id, request_id, response_id, error_type = texts
+        # A tuple built in one expression, not a dict: this runs once per
+        # event on the writer thread, which shares the GIL with the app.
+        return (
+            self.event_id,
+            ts_text(self.ts) if ts_as_text else self.ts,
+            self.provider,
+            model,
+            request_model,
+            feature,
+            user_id,
+            request_id,
+            response_id,
+            self.status,
+            error_type,
+            usage.prompt_tokens,
+            usage.completion_tokens,
+            usage.input_tokens,
+            usage.cache_write_5m_tokens,
+            usage.cache_write_1h_tokens,
+            usage.cache_read_tokens,
+            usage.output_tokens,
+            usage.reasoning_tokens,
+            usage.web_search_requests,
+            usage.web_fetch_requests,
+            float(self.cost_usd) if self.cost_usd is not None else None,
+            self.unpriced,
+            self.price_version,
+            self.price_id,
+            usage.service_tier or ("batch" if self.batch else None),
+            round(self.latency_ms, 3),
+            self.context_missing,
+            ",".join(sorted(flags)) or None,
+        )
 
 
 # Caller-controlled text columns and their sizes in `cost_events`.
-_TEXT_COLUMNS = ("model", "request_model", "feature", "user_id", "request_id", "response_id", "error_type")
-_TEXT_LIMITS = {name: cost_events.c[name].type.length for name in _TEXT_COLUMNS}
+_TEXT_LIMITS = {
+    name: cost_events.c[name].type.length
+    for name in ("model", "request_model", "feature", "user_id", "request_id", "response_id", "error_type")
+}
 
 
 def _fit(value: str, limit: int) -> str:

@@ -12,9 +12,9 @@ import operator
 import os
 import re
 import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from datetime import UTC, datetime
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import sqlalchemy as sa
 from sqlalchemy import event as sa_event
@@ -23,17 +23,25 @@ from sqlalchemy.engine import Connection, Engine
 from .errors import ConfigurationError
 from .migrations import upgrade
 
-__all__ = ["DEFAULT_DATABASE_URL", "SCHEMA_VERSION", "Store", "metadata", "cost_events"]
+if TYPE_CHECKING:
+    from .events import CostEvent
+
+__all__ = [
+    "DEFAULT_DATABASE_URL",
+    "INSERT_COLUMNS",
+    "SCHEMA_VERSION",
+    "Store",
+    "cost_events",
+    "metadata",
+    "ts_text",
+]
 
 logger = logging.getLogger(__name__)
 
 DEFAULT_DATABASE_URL = "sqlite:///costs.db"
-SCHEMA_VERSION = 4
+SCHEMA_VERSION = 5
 
 metadata = sa.MetaData()
-
-# Builds the tuple of inserted values from a row dict (an `operator.itemgetter`).
-_RowGetter = Callable[[dict[str, Any]], tuple[Any, ...]]
 
 cost_events = sa.Table(
     "cost_events",
@@ -71,12 +79,12 @@ cost_events = sa.Table(
     sa.Column("context_missing", sa.Boolean, nullable=False, default=False),
     sa.Column("flags", sa.String(255)),
     sa.Index("uq_cost_events_event_id", "event_id", unique=True),
-    # Serve the alert windows and the reports: each scans only its window.
-    # (ts, cost_usd) serves every range on ts; (user_id, ts) one user's
-    # history. Each index costs every insert a random page write, so there
-    # is no separate index on ts or on (feature, ts).
+    # Serves the alert windows and the reports: each scans only its time
+    # range. Every other index would cost each insert a write to a random
+    # page, so there is none on ts alone, (feature, ts) or (user_id, ts):
+    # no query of this package looks up one feature's or one user's rows
+    # outside a time range.
     sa.Index("ix_cost_events_cost_ts", "ts", "cost_usd"),
-    sa.Index("ix_cost_events_user_ts", "user_id", "ts"),
     # NULLs are distinct in unique indexes on both backends, so rows without a
     # response id (failed calls) never collide.
     sa.Index("uq_cost_events_response_id", "response_id", unique=True),
@@ -203,7 +211,11 @@ class Store:
             ) from exc
         self._schema_lock = threading.Lock()
         self._schema_ready = False
-        self._insert_sql: tuple[str, tuple[str, ...], _RowGetter] | None = None
+        marker = "?" if self.dialect == "sqlite" else "%s"
+        self._insert_sql = (
+            f"INSERT INTO cost_events ({', '.join(INSERT_COLUMNS)}) "
+            f"VALUES ({', '.join([marker] * len(INSERT_COLUMNS))}) ON CONFLICT DO NOTHING"
+        )
 
     @property
     def safe_url(self) -> str:
@@ -285,39 +297,43 @@ class Store:
         return self.engine.connect()
 
     def insert_events(self, rows: Sequence[dict[str, Any]]) -> int:
+        """Insert rows given as dicts of column values; see `insert_values`.
+
+        Missing keys are stored as NULL.
+        """
+        return self.insert_values([self.row_values(row) for row in rows])
+
+    def insert_values(self, values: Sequence[tuple[Any, ...]]) -> int:
         """Insert rows in one transaction, skipping event or response ids already stored.
 
-        Returns the number of rows inserted. The rows go to the driver's
-        `executemany` as tuples built by `operator.itemgetter`: per-column
-        work in Python would run on the writer thread and compete with the
-        app's threads for the GIL. Missing keys are stored as NULL.
+        Each row is a tuple in `INSERT_COLUMNS` order, as `event_values` or
+        `row_values` build it. Returns the number of rows inserted.
         """
-        if not rows:
+        if not values:
             return 0
         self.ensure_schema()
-        sql, columns, getter = self._insert_statement()
-        values = [_row_tuple(row, getter, columns) for row in rows]
-        if self.dialect == "sqlite":
-            values = [_sqlite_tuple(value) for value in values]
         with self.write() as conn:
             before = self._total_changes(conn)
-            result = conn.exec_driver_sql(sql, values)
+            result = conn.exec_driver_sql(self._insert_sql, values)
             after = self._total_changes(conn)
         if before is not None and after is not None:
             return after - before
-        return result.rowcount if result.rowcount is not None and result.rowcount >= 0 else len(rows)
+        return result.rowcount if result.rowcount is not None and result.rowcount >= 0 else len(values)
 
-    def _insert_statement(self) -> tuple[str, tuple[str, ...], _RowGetter]:
-        if self._insert_sql is None:
-            columns = tuple(column.name for column in cost_events.columns if column.name != "id")
-            marker = "?" if self.dialect == "sqlite" else "%s"
-            self._insert_sql = (
-                f"INSERT INTO cost_events ({', '.join(columns)}) "
-                f"VALUES ({', '.join([marker] * len(columns))}) ON CONFLICT DO NOTHING",
-                columns,
-                operator.itemgetter(*columns),
-            )
-        return self._insert_sql
+    def event_values(self, event: CostEvent) -> tuple[Any, ...]:
+        """Return the inserted values of a cost event, in this backend's form."""
+        return event.values(ts_as_text=self.dialect == "sqlite")
+
+    def row_values(self, row: dict[str, Any]) -> tuple[Any, ...]:
+        """Return the inserted values of a row dict, in this backend's form."""
+        try:
+            values = _row_getter(row)
+        except KeyError:
+            values = tuple(row.get(name) for name in INSERT_COLUMNS)
+        ts = values[_TS_INDEX]
+        if self.dialect == "sqlite" and isinstance(ts, datetime):
+            values = (*values[:_TS_INDEX], ts_text(ts), *values[_TS_INDEX + 1 :])
+        return values
 
     def _total_changes(self, conn: Connection) -> int | None:
         # SQLite counts the rows each connection changed; the difference is the
@@ -357,24 +373,19 @@ def _redact(url: str) -> str:
         return re.sub(r"(//[^/@:]*):[^/@]*@", r"\1:***@", url)
 
 
-# Position of `ts` among the inserted columns (every column but `id`).
-_TS_INDEX = [column.name for column in cost_events.columns if column.name != "id"].index("ts")
+# The columns an insert fills, in order: every column but `id`.
+INSERT_COLUMNS = tuple(column.name for column in cost_events.columns if column.name != "id")
+_TS_INDEX = INSERT_COLUMNS.index("ts")
+# Builds the tuple of a row dict at C speed: per-column work in Python runs
+# on the writer thread and competes with the app's threads for the GIL.
+_row_getter = operator.itemgetter(*INSERT_COLUMNS)
 
 
-def _row_tuple(row: dict[str, Any], getter: _RowGetter, columns: tuple[str, ...]) -> tuple[Any, ...]:
-    try:
-        return getter(row)
-    except KeyError:
-        return tuple(row.get(name) for name in columns)
+def ts_text(ts: datetime) -> str:
+    """Return `ts` as UTC text in the form SQLAlchemy's DateTime uses in SQLite.
 
-
-def _sqlite_tuple(values: tuple[Any, ...]) -> tuple[Any, ...]:
-    # sqlite3 binds bools as 1 and 0 already, so only `ts` needs converting.
-    # It becomes the text form SQLAlchemy's DateTime uses in SQLite, which
-    # hand-written `datetime('now', ...)` comparisons rely on.
-    ts = values[_TS_INDEX]
-    if not isinstance(ts, datetime):
-        return values
+    Hand-written filters such as `ts >= datetime('now', '-1 hour')` rely on it.
+    """
     if ts.tzinfo is not None:
         ts = ts.astimezone(UTC).replace(tzinfo=None)
-    return (*values[:_TS_INDEX], ts.isoformat(" ", "microseconds"), *values[_TS_INDEX + 1 :])
+    return ts.isoformat(" ", "microseconds")
