@@ -117,6 +117,29 @@ def test_create_one_row(tracker, api):
     assert row["context_missing"] is False
 
 
+def test_usage_parsed_off_caller_thread(tracker, api, monkeypatch):
+    import threading
+
+    from llmcost_mw.providers import anthropic as hooks
+
+    parsed_on = []
+    parse = hooks.usage_from_anthropic
+
+    def noting_parse(usage):
+        parsed_on.append(threading.current_thread().name)
+        return parse(usage)
+
+    monkeypatch.setattr(hooks, "usage_from_anthropic", noting_parse)
+    client = api.client(json_reply(message_body()))
+
+    create(client)
+    rows = rows_after_flush(tracker)
+
+    assert parsed_on == ["llmcost-recorder"]
+    assert rows[0]["cost_usd"] == pytest.approx(USAGE_COST)
+    assert rows[0]["prompt_tokens"] == 310
+
+
 def test_create_row_buckets_and_cost(tracker, api):
     client = api.client(json_reply(message_body()))
 

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-import os
+import logging
+import random
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -14,6 +15,8 @@ from .store import INSERT_COLUMNS, cost_events, ts_text
 from .usage import Usage
 
 __all__ = ["CostEvent", "Status", "utcnow"]
+
+logger = logging.getLogger(__name__)
 
 
 class Status:
@@ -30,8 +33,10 @@ class Status:
 def _new_event_id() -> str:
     # 32 hex digits: the nanosecond clock, then 64 random bits. New ids sort
     # after old ones, so inserts append to the unique index instead of
-    # landing on a random page of it.
-    return f"{time.time_ns():016x}{os.urandom(8).hex()}"
+    # landing on a random page of it. The `random` module, unlike
+    # os.urandom, makes no system call on the caller's thread, and Python
+    # reseeds it in a forked child.
+    return f"{time.time_ns():016x}{random.getrandbits(64):016x}"
 
 
 def utcnow() -> datetime:
@@ -66,6 +71,31 @@ class CostEvent:
     # Set by the tracker to price and count this event (and any other
     # pending one) before its row is built, off the caller's thread.
     prepare: Callable[[], None] | None = field(default=None, repr=False, compare=False)
+    # Set by a provider hook to parse the response's usage off the caller's
+    # thread. Until `resolve_usage()` runs, `usage` has empty buckets.
+    usage_source: Callable[[], Usage] | None = field(default=None, repr=False, compare=False)
+
+    def resolve_usage(self) -> None:
+        """Parse the usage that `usage_source` reads, once.
+
+        On TypeError or ValueError the row keeps empty buckets, is flagged
+        `usage_invalid` and a warning is logged: the caller's call has
+        already succeeded.
+        """
+        parse, self.usage_source = self.usage_source, None
+        if parse is None:
+            return
+        try:
+            self.usage = parse()
+        except (TypeError, ValueError) as exc:
+            logger.warning(
+                "invalid usage in %s response %s (model %s): %s; its row is flagged usage_invalid",
+                self.provider,
+                self.response_id,
+                self.request_model,
+                exc,
+            )
+            self.flags = self.flags | {"usage_invalid"}
 
     def to_row(self) -> dict[str, Any]:
         """Flatten into a dict of the column values of `cost_events`; see `values`."""
@@ -82,6 +112,8 @@ class CostEvent:
         """
         if self.prepare is not None:
             self.prepare()
+        if self.usage_source is not None:
+            self.resolve_usage()
         usage = self.usage
         flags = self.flags | usage.flags
         texts = []

@@ -80,6 +80,7 @@ class Tracker:
     def _prepare_one(self, event: CostEvent) -> None:
         """Price one event and count it, unless its response id was counted already."""
         event.prepare = None
+        event.resolve_usage()
         quote = self.price_book.quote(event.model, event.usage, batch=event.batch)
         event.price_version = self.price_book.version
         if quote is None:

@@ -46,6 +46,7 @@ SUPPORTED_VERSIONS = ">=2.17,<3"
 _MESSAGE_PATHS = frozenset({"/v1/messages", "/v1/messages?beta=true"})
 _CALL_ATTRIBUTE = "_llmcost_call"
 _USAGE_UNKNOWN = frozenset({"usage_unknown"})
+_NO_USAGE = Usage()
 
 _tracker: Tracker | None = None
 _originals: dict[tuple[type, str], Any] = {}
@@ -70,6 +71,7 @@ class _Call:
         "model",
         "response_id",
         "flags",
+        "usage_source",
     )
 
     def __init__(self, provider: str, request_model: str, attribution: AttributionSnapshot) -> None:
@@ -85,6 +87,7 @@ class _Call:
         self.model: str | None = None
         self.response_id: str | None = None
         self.flags: frozenset[str] = frozenset()
+        self.usage_source: Any = None
 
     def finish(
         self,
@@ -106,7 +109,8 @@ class _Call:
                 provider=self.provider,
                 model=self._billed_model(),
                 request_model=self.request_model,
-                usage=self.usage or Usage(),
+                usage=self.usage or _NO_USAGE,
+                usage_source=self.usage_source,
                 status=status,
                 feature=self.attribution.feature,
                 user_id=self.attribution.user_id,
@@ -132,13 +136,22 @@ class _Call:
             return self.model
         return self.request_model or self.model or "unknown"
 
-    def absorb_message(self, message: Any) -> None:
-        """Take usage, id and model from a `Message` object or its JSON dict."""
+    def absorb_message(self, message: Any, *, parse_later: bool = False) -> None:
+        """Take usage, id and model from a `Message` object or its JSON dict.
+
+        With `parse_later`, the usage is parsed when the event is priced, off
+        the caller's thread. A streamed call parses at once instead, since
+        its deltas are merged into the usage as they arrive.
+        """
         get = message.get if isinstance(message, dict) else functools.partial(getattr, message)
         self.response_id = get("id", None) or self.response_id
         self.model = get("model", None) or self.model
         usage = get("usage", None)
-        if usage is not None:
+        if usage is None:
+            return
+        if parse_later:
+            self.usage_source = functools.partial(usage_from_anthropic, usage)
+        else:
             self.read_usage(usage_from_anthropic, usage)
 
     def read_usage(self, parse: Any, *args: Any) -> None:
@@ -192,7 +205,7 @@ def _settle(call: _Call, result: Any, stream: bool) -> None:
         return
     usage = getattr(result, "usage", None)
     if usage is not None:
-        call.absorb_message(result)
+        call.absorb_message(result, parse_later=True)
         call.finish(Status.OK)
         return
     # NOTE: a response without usage (an SDK middleware returning a cached
@@ -216,7 +229,7 @@ def _settle_raw(call: _Call, http_response: Any, stream: bool) -> None:
 
 def _absorb_body(call: _Call, http_response: Any) -> None:
     try:
-        call.absorb_message(http_response.json())
+        call.absorb_message(http_response.json(), parse_later=True)
     except Exception as exc:
         logger.warning("could not read usage from an Anthropic response body: %s", exc)
     call.finish(Status.OK)
@@ -466,7 +479,7 @@ def _batch_line(decoder: Any, line: Any) -> None:
     message = result.message
     batch_id = _batch_id(decoder.http_response)
     call = _Call("anthropic", str(getattr(message, "model", "unknown")), capture())
-    call.absorb_message(message)
+    call.absorb_message(message, parse_later=True)
     # Message ids are unique across batches; the batch and custom id pair is
     # the fallback key for a line that carries none.
     call.response_id = call.response_id or f"{batch_id}/{custom_id}"
