@@ -361,6 +361,38 @@ NEW_RULE = (
         ),
         pytest.param("[rules.request_cost]\nsql = 'SELECT 1'\n", 2, "cannot be replaced", id="builtin-sql"),
         pytest.param(
+            "[rules.request_cost]\n[rules.request_cost.params]\nthreshold = -0.5\n",
+            3,
+            "invalid param 'threshold' = -0.5: use a number >= 0",
+            id="negative-threshold",
+        ),
+        pytest.param(
+            "[rules.feature_daily_spend]\n[rules.feature_daily_spend.params]\nbaseline_percentile = 150\n",
+            3,
+            "use a number above 0 and at most 100",
+            id="percentile-range",
+        ),
+        pytest.param(
+            "[rules.feature_daily_spend]\n[rules.feature_daily_spend.params]\nbaseline_factor = 0\n",
+            3,
+            "invalid param 'baseline_factor' = 0: use a number above 0",
+            id="zero-factor",
+        ),
+        pytest.param(
+            "[rules.request_shape]\n[rules.request_shape.params]\nmin_calls = 2.5\n",
+            3,
+            "use a whole number",
+            id="fractional-count",
+        ),
+        pytest.param(
+            "[rules.user_hourly_spend]\n[rules.user_hourly_spend.params]\nthreshold = nan\n",
+            3,
+            "use a finite number",
+            id="nan-threshold",
+        ),
+        pytest.param(NEW_RULE.replace("1.0 }", "inf }"), 3, "use a finite number", id="inf-param"),
+        pytest.param(NEW_RULE + "timeout_seconds = 0\n", 6, "invalid timeout_seconds 0", id="zero-timeout"),
+        pytest.param(
             NEW_RULE.replace("SELECT user_id", "DELETE FROM cost_events; SELECT user_id"),
             2,
             "the sql failed",

@@ -383,6 +383,41 @@ def test_broken_rule_does_not_stop_others(store, notifier, receiver, clock, capl
     assert any("alert rule broken failed" in record.getMessage() for record in caplog.records)
 
 
+# A query that would run for hours: it counts to 10^12 one row at a time.
+RUNAWAY_SQL = (
+    "WITH RECURSIVE n(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM n WHERE i < 1000000000000) "
+    "SELECT 'loop' AS entity, COUNT(*) AS value FROM n WHERE :now IS NOT NULL"
+)
+
+
+@pytest.mark.timeout(60)
+def test_runaway_rule_stopped_at_timeout(store, notifier, receiver, clock, caplog):
+    runaway = Rule(name="runaway", sql=RUNAWAY_SQL, title="{entity}", message="{entity}", timeout_seconds=0.5)
+    watcher = Watcher(store, [runaway, *rules_named("user_hourly_spend")], notifier, clock=clock)
+    store.insert_events([cost_row(clock.now, "6.00")])
+
+    with caplog.at_level(logging.ERROR, logger="llmcost_mw.alerts"):
+        alerts = watcher.run_once()
+        again = watcher.run_once()
+
+    assert [alert.rule for alert in alerts] == ["user_hourly_spend"]
+    assert again == []
+    stopped = [record.getMessage() for record in caplog.records if "runaway" in record.getMessage()]
+    assert len(stopped) == 2
+    assert "ran longer than its timeout_seconds of 0.5 s" in stopped[0]
+
+
+def test_fast_rule_keeps_store_usable_after_timeout(store, notifier, receiver, clock):
+    runaway = Rule(name="runaway", sql=RUNAWAY_SQL, title="{entity}", message="{entity}", timeout_seconds=0.2)
+    watcher = Watcher(store, [runaway], notifier, clock=clock)
+    watcher.run_once()
+    store.insert_events([cost_row(clock.now, "6.00")])
+
+    alerts = make_watcher(store, notifier, clock, "user_hourly_spend").run_once()
+
+    assert [alert.entity for alert in alerts] == ["alice"]
+
+
 def test_locked_database_skips_one_pass(db_path, notifier, receiver, clock, caplog):
     store = Store(f"sqlite:///{db_path}", busy_timeout_ms=100)
     store.insert_events([cost_row(clock.now, "6.00")])

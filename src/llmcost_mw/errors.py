@@ -7,6 +7,7 @@ __all__ = [
     "LLMCostError",
     "PriceTableError",
     "RuleError",
+    "RuleTimeoutError",
     "UnpricedModelError",
 ]
 
@@ -25,6 +26,10 @@ class PriceTableError(ConfigurationError):
 
 class RuleError(ConfigurationError):
     """An alert rule is malformed."""
+
+
+class RuleTimeoutError(LLMCostError):
+    """An alert rule's query ran longer than the rule's `timeout_seconds` and was stopped."""
 
 
 class UnpricedModelError(LLMCostError):

@@ -17,8 +17,14 @@ SQLite (where `ts` is text) and on PostgreSQL. Rule SQL must never read the
 database clock (`datetime('now')`, `now()`), because tests and replays inject
 their own clock.
 
-`builtin_rules()` returns the four built-in rules. `load_rules(path)` reads a
-TOML file that adds rules or overrides the built-in ones:
+A pass stops a rule's queries after its `timeout_seconds` (30 by default),
+logs the rule as skipped and runs the next one, so a runaway query cannot
+stall the watcher.
+
+`builtin_rules()` returns the five built-in rules. `load_rules(path)` reads a
+TOML file that adds rules or overrides the built-in ones. The params of the
+built-in rules are checked for range as well as type (no negative
+threshold, a percentile in (0, 100]):
 
     [rules.user_hourly_spend]
     cooldown_seconds = 1800
@@ -43,22 +49,24 @@ TOML file that adds rules or overrides the built-in ones:
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 import re
 import string
 import tomllib
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from datetime import date, datetime, time, timedelta
 from pathlib import Path
+from time import monotonic
 from typing import Any
 
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection
 from sqlalchemy.sql.elements import TextClause
 
-from ..errors import RuleError
+from ..errors import RuleError, RuleTimeoutError
 from ..store import Store, metadata
 from .baseline import feature_daily_limits
 
@@ -123,6 +131,9 @@ class Rule:
     combine_rows: bool = False
     click: str | None = None
     entity_thresholds: EntityThresholds | None = None
+    # A pass stops the rule's queries after this long, so that one slow or
+    # runaway query cannot hold up the other rules and the deliveries.
+    timeout_seconds: float = 30.0
 
     def __post_init__(self) -> None:
         if not isinstance(self.name, str) or not _RULE_NAME.fullmatch(self.name):
@@ -146,6 +157,13 @@ class Rule:
         ):
             raise _rule_error(
                 self.name, "priority", f"invalid priority {self.priority!r}: use an integer from 1 to 5"
+            )
+        timeout = self.timeout_seconds
+        if isinstance(timeout, bool) or not isinstance(timeout, int | float) or not 0 < timeout < math.inf:
+            raise _rule_error(
+                self.name,
+                "timeout_seconds",
+                f"invalid timeout_seconds {timeout!r}: use a number of seconds above 0",
             )
         for option in ("cooldown_seconds", "lookback_seconds"):
             value = getattr(self, option)
@@ -209,22 +227,23 @@ class Rule:
 
         Rows with a NULL entity are dropped. When `entity_thresholds` is set,
         a row is kept only if its `value` is over its entity's threshold,
-        which is stored in the row's `threshold` column.
+        which is stored in the row's `threshold` column. Raises
+        RuleTimeoutError when a query runs past `timeout_seconds`.
         """
-        result = conn.execute(self.bound_sql(now))
-        rows = []
-        for mapping in result.mappings():
-            row = dict(mapping)
-            if row.get("entity") is None:
-                continue
-            # NOTE: alert_state.entity is 255 characters long. Longer entities
-            # are cut, so two of them that share a prefix share a cooldown.
-            row["entity"] = str(row["entity"])[:255]
-            rows.append(row)
-
-        if self.entity_thresholds is None:
-            return rows
-        thresholds = self.entity_thresholds(conn, self.binds(now))
+        with _time_limit(conn, self.name, self.timeout_seconds):
+            result = conn.execute(self.bound_sql(now))
+            rows = []
+            for mapping in result.mappings():
+                row = dict(mapping)
+                if row.get("entity") is None:
+                    continue
+                # NOTE: alert_state.entity is 255 characters long. Longer entities
+                # are cut, so two of them that share a prefix share a cooldown.
+                row["entity"] = str(row["entity"])[:255]
+                rows.append(row)
+            if self.entity_thresholds is None:
+                return rows
+            thresholds = self.entity_thresholds(conn, self.binds(now))
         default = self.params.get("threshold")
         kept = []
         for row in rows:
@@ -263,6 +282,36 @@ class Rule:
             except ValueError as exc:
                 raise _rule_error(self.name, key, f"invalid {key} template: {exc}") from exc
         return fields
+
+
+@contextlib.contextmanager
+def _time_limit(conn: Connection, rule: str, seconds: float) -> Iterator[None]:
+    """Stop the queries run on `conn` inside this block after `seconds`, raising RuleTimeoutError.
+
+    SQLite checks a deadline from a progress handler, which it calls every
+    few thousand virtual machine instructions; PostgreSQL applies
+    `statement_timeout` to each statement of the transaction.
+    """
+    deadline = monotonic() + seconds
+    sqlite = conn.dialect.name == "sqlite"
+    if sqlite:
+        dbapi_connection = conn.connection.dbapi_connection
+        # A true result interrupts the statement with "interrupted".
+        dbapi_connection.set_progress_handler(lambda: monotonic() > deadline, 10_000)
+    else:
+        conn.exec_driver_sql(f"SET LOCAL statement_timeout = {max(1, round(seconds * 1000))}")
+    try:
+        yield
+    except sa.exc.OperationalError as exc:
+        if monotonic() < deadline:
+            raise
+        raise RuleTimeoutError(
+            f"alert rule {rule!r} ran longer than its timeout_seconds of {seconds:g} s and was stopped; "
+            "narrow its query or raise timeout_seconds in the rules file"
+        ) from exc
+    finally:
+        if sqlite:
+            dbapi_connection.set_progress_handler(None, 0)
 
 
 def _rule_error(rule: str, field: str, problem: str) -> RuleError:
@@ -430,6 +479,7 @@ _KEY_TYPES: dict[str, tuple[type, ...]] = {
     "params": (dict,),
     "cooldown_seconds": (int, float),
     "lookback_seconds": (int, float),
+    "timeout_seconds": (int, float),
     "priority": (int,),
     "tags": (list,),
     "window": (str,),
@@ -586,6 +636,9 @@ def _override_rule(builtin: Rule, table: dict[str, Any], locator: _Locator) -> R
                     f"{locator.where(name, 'params', key)}rule {name!r}: param {key!r} must be a number, "
                     f"not {_toml_type(value)}"
                 )
+            problem = _param_range_problem(key, value)
+            if problem:
+                raise RuleError(f"{locator.where(name, 'params', key)}rule {name!r}: {problem}")
         options["params"] = {**builtin.params, **params}
     try:
         return dataclasses.replace(builtin, **options)
@@ -659,7 +712,44 @@ def _read_options(name: str, table: dict[str, Any], locator: _Locator) -> dict[s
                 f"{locator.where(name, 'params', key)}rule {name!r}: param {key!r} must be a string, number, "
                 f"boolean or date, not {_toml_type(value)}"
             )
+        # TOML allows nan and inf: no value is above nan, and every value is below inf.
+        if isinstance(value, float) and not math.isfinite(value):
+            raise RuleError(
+                f"{locator.where(name, 'params', key)}rule {name!r}: invalid param {key!r} = {value!r}: "
+                "use a finite number"
+            )
     return options
+
+
+# The values that the params of the built-in rules accept: the lowest value,
+# whether the lowest itself is allowed, the highest, and whether it must be
+# a whole number. A zero or negative factor or percentile would make a rule
+# fire on every pass or never.
+_BUILTIN_PARAM_RANGES: dict[str, tuple[float, bool, float, bool]] = {
+    "threshold": (0, True, math.inf, False),
+    "min_threshold": (0, True, math.inf, False),
+    "baseline_factor": (0, False, math.inf, False),
+    "baseline_percentile": (0, False, 100, False),
+    "min_history_days": (0, True, math.inf, True),
+    "factor": (0, False, math.inf, False),
+    "min_calls": (1, True, math.inf, True),
+}
+
+
+def _param_range_problem(key: str, value: Any) -> str | None:
+    """Return why `value` is out of range for the built-in param `key`, or None when it is fine."""
+    limits = _BUILTIN_PARAM_RANGES.get(key)
+    if limits is None or not isinstance(value, int | float):
+        return None
+    low, low_allowed, high, whole = limits
+    if whole and not isinstance(value, int):
+        return f"invalid param {key!r} = {value!r}: use a whole number"
+    below = value < low or (value == low and not low_allowed)
+    if below or value > high:
+        lowest = f">= {low:g}" if low_allowed else f"above {low:g}"
+        highest = "" if high == math.inf else f" and at most {high:g}"
+        return f"invalid param {key!r} = {value!r}: use a number {lowest}{highest}"
+    return None
 
 
 _TYPE_NAMES = {

@@ -33,7 +33,7 @@ from sqlalchemy.dialects.postgresql import insert as postgresql_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.engine import Connection
 
-from ..errors import ConfigurationError, LLMCostError
+from ..errors import ConfigurationError, LLMCostError, RuleTimeoutError
 from ..events import utcnow
 from ..retention import refresh_rollups
 from ..store import Store, alert_outbox, alert_state
@@ -205,6 +205,8 @@ class Watcher:
                 alerts.extend(self._apply_rule(rule, now))
             except sa.exc.SQLAlchemyError as exc:
                 logger.error("alert rule %s failed and was skipped in this pass: %s", rule.name, exc)
+            except RuleTimeoutError as exc:
+                logger.error("%s; the other rules still run", exc)
             except Exception:
                 # For example an `entity_thresholds` function that raised: the other rules still run.
                 logger.exception(
