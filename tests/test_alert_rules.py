@@ -186,6 +186,20 @@ def test_unpriced_model_ignores_calls_before_last_hour(store):
     assert evaluate(store, builtin("unpriced_model")) == []
 
 
+def test_unpriced_model_ignores_unknown_usage(store):
+    # A chat stream without include_usage: the model has a price, the usage is missing.
+    unknown_usage = [
+        dict(cost_row(NOW - timedelta(minutes=1), None, model="gpt-4.1", unpriced=True), flags=flags)
+        for flags in ["usage_unknown", "context_missing,usage_unknown"]
+    ]
+    missing_price = dict(cost_row(NOW - timedelta(minutes=1), None, model="mystery-1", unpriced=True), flags=None)
+    store.insert_events([*unknown_usage, missing_price])
+
+    result = evaluate(store, builtin("unpriced_model"))
+
+    assert [row["entity"] for row in result] == ["mystery-1"]
+
+
 def test_builtin_rules_run_against_store(store):
     store.ensure_schema()
     with store.read() as conn:

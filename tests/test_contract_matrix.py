@@ -408,7 +408,8 @@ def create_stream_raises(error: type[BaseException]) -> tuple[Callable, Callable
 class Expect:
     status: str
     buckets: tuple[int, ...]
-    cost: Decimal
+    # None: the call is recorded unpriced, with cost_usd NULL.
+    cost: Decimal | None
     error_type: str | None = None
     flags: str | None = None
     has_response_id: bool = True
@@ -493,7 +494,8 @@ ENTRY_POINTS = [
         streaming_response_lines,
         astreaming_response_lines,
         stream_reply,
-        Expect("not_consumed", NO_BUCKETS, Decimal(0), flags="usage_unknown", has_response_id=False),
+        # Tokens were spent but their usage never passed through the SDK.
+        Expect("not_consumed", NO_BUCKETS, None, flags="usage_unknown", has_response_id=False),
     ),
     EntryPoint(
         "retried-create",
@@ -582,18 +584,18 @@ def test_entry_point_one_row(entry, platform, is_async, fake_api, recording, no_
     assert buckets(row) == expect.buckets
     assert row["prompt_tokens"] == sum(expect.buckets[:4])
     assert row["completion_tokens"] == expect.buckets[4]
-    assert row["cost_usd"] == float(expect.cost)
-    assert row["unpriced"] is False
+    assert row["cost_usd"] == (None if expect.cost is None else float(expect.cost))
+    assert row["unpriced"] is (expect.cost is None)
     assert row["error_type"] == expect.error_type
     assert row["flags"] == expect.flags
     assert (row["response_id"] is not None) == expect.has_response_id
     assert row["provider"] == PROVIDERS[platform]
     assert row["model"] == MODELS[platform]
     assert row["request_model"] == MODELS[platform]
-    assert row["price_id"] == MODEL
+    assert row["price_id"] == (None if expect.cost is None else MODEL)
     assert row["service_tier"] == ("standard" if expect.buckets != NO_BUCKETS else None)
     assert (row["user_id"], row["feature"], row["request_id"]) == tuple(ATTRIBUTION.values())
-    assert recording.counted_cost() == pytest.approx(float(expect.cost), abs=1e-12)
+    assert recording.counted_cost() == pytest.approx(float(expect.cost or 0), abs=1e-12)
     assert recording.counted_calls(expect.status) == 1
 
 

@@ -229,7 +229,7 @@ def test_model_id_resolves(bundled, model, price_id):
         pytest.param("us.anthropic.claude-sonnet-4-9-20270101-v1:0", id="newer-version-bedrock"),
         pytest.param("claude-sonnet-4-9@20270101", id="newer-version-vertex"),
         pytest.param("claude-sonnet", id="family-prefix"),
-        pytest.param("gpt-4o", id="other-vendor"),
+        pytest.param("gemini-2.5-pro", id="other-vendor"),
         pytest.param("", id="empty"),
     ],
 )

@@ -88,7 +88,7 @@ def compare_with_genai_prices(book: PriceBook) -> tuple[str, int]:
     differing: list[str] = []
     unknown: list[str] = []
     for row in book.models:
-        theirs = _genai_rates(genai_prices, row.id)
+        theirs = _genai_rates(genai_prices, row.id, row.provider)
         if theirs is None:
             unknown.append(row.id)
             continue
@@ -109,10 +109,10 @@ def compare_with_genai_prices(book: PriceBook) -> tuple[str, int]:
     return "\n".join(lines) + "\n", len(differing)
 
 
-def _genai_rates(genai_prices: Any, model_id: str) -> dict[str, Decimal | None] | None:
+def _genai_rates(genai_prices: Any, model_id: str, provider: str) -> dict[str, Decimal | None] | None:
     try:
         calculation = genai_prices.calc_price(
-            genai_prices.Usage(input_tokens=1, output_tokens=1), model_id, provider_id="anthropic"
+            genai_prices.Usage(input_tokens=1, output_tokens=1), model_id, provider_id=provider
         )
     except LookupError:
         return None

@@ -36,7 +36,8 @@ _BEDROCK_REGION = re.compile(r"^(us|eu|apac|global|jp|au|us-gov|ca)\.(?=anthropi
 _BEDROCK_VENDOR = re.compile(r"^anthropic\.")
 # "-v1:0", "-v1", and the context-window variants such as "-v1:0:200k".
 _BEDROCK_VERSION = re.compile(r"-v\d+(:\d+)?(:\d+k)?$")
-_DATE_SUFFIX = re.compile(r"-(\d{8})$")
+# Anthropic snapshot dates are "-20250929", OpenAI ones "-2024-08-06".
+_DATE_SUFFIX = re.compile(r"-(\d{8}|\d{4}-\d{2}-\d{2})$")
 _ARN_MODEL = re.compile(r"^arn:aws[\w-]*:bedrock:[^:]*:[^:]*:(?:[\w-]+)/(.+)$")
 
 
@@ -212,7 +213,8 @@ class PriceBook:
 
         Bedrock and Vertex ids are first reduced to their first-party form.
         Then the row ids are tried with the exact id and with the id without
-        its date suffix, then the aliases in the same order. It never falls
+        its date suffix (`-20250929` or `-2024-08-06`), then the aliases in
+        the same order. It never falls
         back to a prefix, so an unknown version is unpriced rather than priced
         as its nearest relative.
         """

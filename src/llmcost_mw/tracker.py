@@ -16,6 +16,11 @@ __all__ = ["Tracker"]
 
 logger = logging.getLogger(__name__)
 
+USAGE_UNKNOWN_WARNING = (
+    "calls to model %r (provider %s) report no token usage, so their cost is recorded as unknown "
+    "(cost_usd NULL, flag usage_unknown); for OpenAI chat streams, pass "
+    "stream_options={'include_usage': True} to get the usage"
+)
 UNPRICED_WARNING = (
     "model %r (provider %s) is not in the price table; its calls are recorded with cost_usd NULL "
     "and unpriced = true until a price row is added (see `llmcost prices`)"
@@ -81,20 +86,16 @@ class Tracker:
         """Price one event and count it, unless its response id was counted already."""
         event.prepare = None
         event.resolve_usage()
-        quote = self.price_book.quote(event.model, event.usage, batch=event.batch)
         event.price_version = self.price_book.version
-        if quote is None:
+        if "usage_unknown" in event.flags or "usage_unknown" in event.usage.flags:
+            # Tokens were spent but never reported, as in a chat stream
+            # without `include_usage`, so pricing the empty buckets would claim $0.
             event.unpriced = True
             event.cost_usd = None
-            # A listed model can still lack a price for this call (fast mode
-            # without fast-mode rates); the price book warns about that itself.
-            if self.price_book.lookup(event.model) is None:
-                self._warn_unpriced(event)
+            key = f"usage:{event.provider}:{event.model}"
+            self._warn_once(key, USAGE_UNKNOWN_WARNING, event.model, event.provider)
         else:
-            event.cost_usd = quote.cost_usd
-            event.price_id = quote.price_id
-            if quote.long_context:
-                event.flags = event.flags | {"long_context"}
+            self._price(event)
         # A repeated response id (batch results downloaded again) is counted
         # once; the store's unique index drops its second row.
         if event.response_id is not None and self._seen(event.response_id):
@@ -104,6 +105,21 @@ class Tracker:
                 self.metrics.observe(event)
             except Exception:
                 logger.exception("counting a cost event in Prometheus failed; the event is still recorded")
+
+    def _price(self, event: CostEvent) -> None:
+        quote = self.price_book.quote(event.model, event.usage, batch=event.batch)
+        if quote is None:
+            event.unpriced = True
+            event.cost_usd = None
+            # A listed model can still lack a price for this call (fast mode
+            # without fast-mode rates); the price book warns about that itself.
+            if self.price_book.lookup(event.model) is None:
+                self._warn_unpriced(event)
+            return
+        event.cost_usd = quote.cost_usd
+        event.price_id = quote.price_id
+        if quote.long_context:
+            event.flags = event.flags | {"long_context"}
 
     def _seen(self, response_id: str) -> bool:
         # The store also rejects a repeated response id; this check keeps the
@@ -118,10 +134,14 @@ class Tracker:
             return False
 
     def _warn_unpriced(self, event: CostEvent) -> None:
-        if event.model in self._unpriced_warned:
+        self._warn_once(event.model, UNPRICED_WARNING, event.model, event.provider)
+
+    def _warn_once(self, key: str, message: str, *args: object) -> None:
+        # Bounded, so that a client sending junk model ids cannot grow memory.
+        if key in self._unpriced_warned:
             return
         with self._lock:
-            if event.model in self._unpriced_warned or len(self._unpriced_warned) > 1_000:
+            if key in self._unpriced_warned or len(self._unpriced_warned) > 1_000:
                 return
-            self._unpriced_warned.add(event.model)
-        logger.warning(UNPRICED_WARNING, event.model, event.provider)
+            self._unpriced_warned.add(key)
+        logger.warning(message, *args)

@@ -7,7 +7,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
 from typing import Any
 
-__all__ = ["Usage", "usage_from_anthropic", "merge_anthropic_delta"]
+__all__ = ["Usage", "usage_from_anthropic", "usage_from_openai", "merge_anthropic_delta"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -251,3 +251,49 @@ def merge_anthropic_delta(start: Usage, delta: Any) -> Usage:
     iterations = _get(delta, "iterations")
     compaction = _compaction_usage(iterations) if iterations is not None else start.compaction
     return _with_compaction(merged, compaction)
+
+
+def usage_from_openai(usage: Any) -> Usage:
+    """Normalise an OpenAI usage object, or its JSON dict, into disjoint buckets.
+
+    Accepts the chat and legacy completions `CompletionUsage`, the Responses
+    API `ResponseUsage` and the embeddings usage. OpenAI counts cached and
+    cache-write tokens inside the prompt (or input) total and reasoning
+    tokens inside the completion (or output) total, so the uncached input is
+    the remainder, output keeps the reasoning tokens, and `reasoning_tokens`
+    only reports their share. Raises ValueError when a count is negative or
+    the cached tokens exceed the prompt.
+    """
+    get = _reader(usage)
+    prompt = get("prompt_tokens")
+    if prompt is not None:
+        # Chat completions, legacy completions and embeddings.
+        input_details = get("prompt_tokens_details")
+        output_details = get("completion_tokens_details")
+        output = _count(get("completion_tokens"))
+    else:
+        # The Responses API.
+        prompt = get("input_tokens")
+        input_details = get("input_tokens_details")
+        output_details = get("output_tokens_details")
+        output = _count(get("output_tokens"))
+    prompt_tokens = _count(prompt)
+    cached = _count(_get(input_details, "cached_tokens"))
+    cache_writes = _count(_get(input_details, "cache_write_tokens"))
+    uncached = prompt_tokens - cached - cache_writes
+    if uncached < 0:
+        raise ValueError(
+            f"invalid usage: {cached} cached and {cache_writes} cache-write tokens "
+            f"exceed the {prompt_tokens} prompt tokens"
+        )
+    # NOTE: OpenAI does not publish a cache-write rate, and cache writes are
+    # reported without a lifetime that matches the 5-minute or 1-hour
+    # buckets. All of them go to the 5-minute bucket, which OpenAI price rows
+    # price at the input rate.
+    return Usage(
+        input_tokens=uncached,
+        cache_write_5m_tokens=cache_writes,
+        cache_read_tokens=cached,
+        output_tokens=output,
+        reasoning_tokens=_count(_get(output_details, "reasoning_tokens")),
+    )

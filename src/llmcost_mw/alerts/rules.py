@@ -421,6 +421,9 @@ def builtin_rules() -> list[Rule]:
                 "SELECT model AS entity, COUNT(*) AS value, COUNT(*) AS calls\n"
                 "FROM cost_events\n"
                 "WHERE ts >= :since AND ts <= :now AND unpriced = TRUE\n"
+                # A call whose usage was never reported (a chat stream without
+                # include_usage) is unpriced too, but a price row would not fix it.
+                "  AND (flags IS NULL OR flags NOT LIKE '%usage_unknown%')\n"
                 "GROUP BY model\n"
                 "HAVING COUNT(*) > :threshold"
             ),
