@@ -22,6 +22,7 @@ from pathlib import Path
 
 import httpx2
 import pytest
+import sqlalchemy as sa
 from prometheus_client import CollectorRegistry
 
 from llmcost_mw import attribute, instrument, uninstrument
@@ -481,12 +482,43 @@ def test_rejected_row_set_aside(backend_url, tmp_path, caplog):
     assert len(errors) == 1
 
 
-def test_batch_all_rejected_retried(db_path, tmp_path):
-    # When no row of a batch can be written, the store is the likely cause:
-    # the batch waits for a retry instead of going to the rejected file.
+def test_batch_all_rejected_set_aside(db_path, tmp_path):
+    # No row of the batch can be written, but the store takes a write that
+    # reads the table, so the rows are at fault: they go to the rejected file.
     store = Store(f"sqlite:///{db_path}")
     spill_path = tmp_path / "spill.jsonl"
     events = [CostEvent(provider=None, model=MODEL, usage=Usage()) for _ in range(5)]
+    recorder = Recorder(store, spill_path=spill_path, flush_interval_seconds=0.05)
+    for event in events:
+        recorder.record(event)
+    flushed = recorder.flush(timeout_seconds=5)
+    recorder.close(timeout_seconds=1)
+    later = Recorder(store, spill_path=spill_path, flush_interval_seconds=0.05)
+    later.record(CostEvent(provider="anthropic", model=MODEL, usage=Usage()))
+    later_flushed = later.flush(timeout_seconds=5)
+    later.close(timeout_seconds=1)
+    count = store.count_events()
+    store.dispose()
+    rejected_path = spill_path.with_name(spill_path.name + ".rejected")
+    rejected = [json.loads(line)["row"]["event_id"] for line in rejected_path.read_text("utf-8").splitlines()]
+
+    assert flushed is True
+    assert sorted(rejected) == sorted(event.event_id for event in events)
+    assert later_flushed is True
+    assert count == 1
+
+
+def test_batch_all_rejected_retried_when_store_fails(db_path, tmp_path, monkeypatch):
+    # When no row can be written and the store cannot take a plain write
+    # either, the store is the likely cause: the batch waits for a retry.
+    store = Store(f"sqlite:///{db_path}")
+    spill_path = tmp_path / "spill.jsonl"
+    events = [CostEvent(provider=None, model=MODEL, usage=Usage()) for _ in range(5)]
+
+    def unavailable():
+        raise sa.exc.OperationalError("SELECT", {}, Exception("the store is down"))
+
+    monkeypatch.setattr(store, "check_writable", unavailable)
     recorder = Recorder(store, spill_path=spill_path, flush_interval_seconds=0.05)
     try:
         for event in events:

@@ -140,6 +140,38 @@ def test_usage_parsed_off_caller_thread(tracker, api, monkeypatch):
     assert rows[0]["prompt_tokens"] == 310
 
 
+@pytest.mark.parametrize(
+    "usage_json",
+    [
+        pytest.param('{"input_tokens": 1e400, "output_tokens": 5}', id="overflowing-float"),
+        pytest.param('{"input_tokens": 100000000000000000000, "output_tokens": 5}', id="over-64-bits"),
+        pytest.param('{"input_tokens": 3.7, "output_tokens": 5}', id="fraction"),
+        pytest.param('{"input_tokens": true, "output_tokens": 5}', id="boolean"),
+        pytest.param('"ten tokens"', id="string"),
+        pytest.param("[10, 5]", id="list"),
+    ],
+)
+@pytest.mark.parametrize("strict", [False, True], ids=["lax", "strict"])
+def test_broken_usage_flagged_not_lost(tracker, api, usage_json, strict):
+    tracker.strict = strict
+    replies = iter(range(2))
+
+    def reply(request):
+        body = json.dumps(message_body(message_id=f"msg_{next(replies)}"))
+        body = body.replace(json.dumps(USAGE), usage_json)
+        return httpx2.Response(200, content=body.encode(), headers={"content-type": "application/json"})
+
+    client = api.client(reply)
+
+    create(client)
+    create(client)  # a later call is still written
+    rows = rows_after_flush(tracker)
+
+    assert len(rows) == 2
+    assert rows[0]["flags"] == "usage_invalid"
+    assert (rows[0]["input_tokens"], rows[0]["output_tokens"]) == (0, 0)
+
+
 def test_create_row_buckets_and_cost(tracker, api):
     client = api.client(json_reply(message_body()))
 

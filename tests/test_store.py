@@ -584,3 +584,83 @@ def test_long_spill_file_replayed_in_transactions(db_path, tmp_path):
     # Five batches of 100 per transaction while a backlog waits.
     assert store.sizes == [500, 500, 500, 500, 300]
     assert count == 2_300
+
+
+def spill_line(item) -> str:
+    return json.dumps([1, *item.values(ts_as_text=True)])
+
+
+def test_non_utf8_spill_line_saved_as_rejected(store, tmp_path):
+    spill_path = tmp_path / "spill.jsonl"
+    good = [event(cost="1", user_id=f"u-{i}") for i in range(4)]
+    lines = [spill_line(item).encode() for item in good]
+    spill_path.write_bytes(b"\n".join([lines[0], lines[1], b'[1, "\xff\xfe"]', lines[2], lines[3]]) + b"\n")
+
+    replay(store, spill_path)
+    rejected = [json.loads(line) for line in Path(f"{spill_path}.rejected").read_text("utf-8").splitlines()]
+
+    assert sorted(row["event_id"] for row in store.fetch_events()) == sorted(item.event_id for item in good)
+    assert len(rejected) == 1
+    assert rejected[0]["error"].startswith("unreadable spill line")
+    assert not spill_path.exists()
+
+
+def test_spill_layout_must_be_an_integer(store, tmp_path):
+    spill_path = tmp_path / "spill.jsonl"
+    item = event(cost="1")
+    values = item.values(ts_as_text=True)
+    lines = [json.dumps([True, *values]), json.dumps([1.0, *values])]
+    spill_path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+
+    replay(store, spill_path)
+    rejected = Path(f"{spill_path}.rejected").read_text("utf-8").splitlines()
+
+    assert store.count_events() == 0
+    assert len(rejected) == 2
+
+
+def test_lone_rejected_row_at_end_of_replay(db_path, tmp_path):
+    # The last transaction of the replay holds only a row that the store
+    # rejects; the store works, so the row is set aside and the file done.
+    spill_path = tmp_path / "spill.jsonl"
+    items = [event(cost="0.01", user_id=f"u-{i}") for i in range(501)]
+    items[-1].model = None
+    spill_path.write_text("".join(spill_line(item) + "\n" for item in items), encoding="utf-8")
+    store = Store(f"sqlite:///{db_path}")
+
+    recorder = Recorder(store, spill_path=spill_path, batch_size=100, flush_interval_seconds=0.05)
+    flushed = recorder.flush(timeout_seconds=10)
+    recorder.close(timeout_seconds=2)
+    count = store.count_events()
+    store.dispose()
+    rejected = [json.loads(line) for line in Path(f"{spill_path}.rejected").read_text("utf-8").splitlines()]
+
+    assert flushed is True
+    assert count == 500
+    assert [record["row"]["event_id"] for record in rejected] == [items[-1].event_id]
+    assert not spill_path.exists()
+    assert not Path(f"{spill_path}.replaying").exists()
+
+
+def test_append_after_torn_line_starts_new_line(locked_store, db_path, tmp_path):
+    # A process died mid-append: the file ends without a newline.
+    spill_path = tmp_path / "spill.jsonl"
+    spill_path.write_text(spill_line(event(cost="1"))[:40], encoding="utf-8")
+    locker = lock_database(db_path)
+    recorder = Recorder(locked_store, max_queue_events=1, flush_interval_seconds=0.3, spill_path=spill_path)
+    items = [event(cost="1", user_id=f"u-{i}") for i in range(4)]
+
+    try:
+        for item in items:
+            recorder.record(item)
+    finally:
+        locker.execute("COMMIT")
+        locker.close()
+    flushed = recorder.flush(timeout_seconds=10)
+    recorder.close(timeout_seconds=2)
+    stored = sorted(row["event_id"] for row in locked_store.fetch_events())
+    rejected = Path(f"{spill_path}.rejected").read_text("utf-8").splitlines()
+
+    assert flushed is True
+    assert stored == sorted(item.event_id for item in items)
+    assert len(rejected) == 1

@@ -87,7 +87,7 @@ class CostEvent:
             return
         try:
             self.usage = parse()
-        except (TypeError, ValueError) as exc:
+        except Exception as exc:  # a broken usage object must not cost the row
             logger.warning(
                 "invalid usage in %s response %s (model %s): %s; its row is flagged usage_invalid",
                 self.provider,
@@ -125,6 +125,7 @@ class CostEvent:
             ("request_id", self.request_id),
             ("response_id", self.response_id),
             ("error_type", self.error_type),
+            ("service_tier", usage.service_tier or ("batch" if self.batch else None)),
         ):
             if value is not None:
                 fitted = _fit(value, _TEXT_LIMITS[name])
@@ -132,12 +133,17 @@ class CostEvent:
                     value = fitted
                     flags = flags | {"value_truncated"}
             texts.append(value)
-        model, request_model, feature, user_id, request_id, response_id, error_type = texts
+        model, request_model, feature, user_id, request_id, response_id, error_type, service_tier = texts
+        ts = self.ts
+        if ts.tzinfo is not None:
+            # `ts` columns hold naive UTC. PostgreSQL would convert an aware
+            # value to the session's time zone, which need not be UTC.
+            ts = ts.astimezone(UTC).replace(tzinfo=None)
         # A tuple built in one expression, not a dict: this runs once per
         # event on the writer thread, which shares the GIL with the app.
         return (
             self.event_id,
-            ts_text(self.ts) if ts_as_text else self.ts,
+            ts_text(ts) if ts_as_text else ts,
             self.provider,
             model,
             request_model,
@@ -161,7 +167,7 @@ class CostEvent:
             self.unpriced,
             self.price_version,
             self.price_id,
-            usage.service_tier or ("batch" if self.batch else None),
+            service_tier,
             round(self.latency_ms, 3),
             self.context_missing,
             ",".join(sorted(flags)) or None,
@@ -171,14 +177,41 @@ class CostEvent:
 # Caller-controlled text columns and their sizes in `cost_events`.
 _TEXT_LIMITS = {
     name: cost_events.c[name].type.length
-    for name in ("model", "request_model", "feature", "user_id", "request_id", "response_id", "error_type")
+    for name in (
+        "model",
+        "request_model",
+        "feature",
+        "user_id",
+        "request_id",
+        "response_id",
+        "error_type",
+        "service_tier",
+    )
 }
 
 
-def _fit(value: str, limit: int) -> str:
-    """Return `value` without NUL characters and cut to `limit` characters; the same object if it fits."""
-    if "\x00" in value:
-        value = value.replace("\x00", "")
-    elif len(value) <= limit:
+def _fit(value: Any, limit: int) -> str:
+    """Return `value` as text that the store accepts, cut to `limit` characters; the same object if it fits.
+
+    A value that is not a string (a number where an API sent one) is
+    converted with `str`. NUL characters are removed, and lone surrogates
+    (which UTF-8 cannot encode, so no driver can bind them) are replaced.
+    """
+    if not isinstance(value, str):
+        value = str(value)
+    elif value.isascii():
+        if "\x00" not in value and len(value) <= limit:
+            return value
+    elif _encodes(value) and "\x00" not in value and len(value) <= limit:
         return value
-    return value[:limit]
+    if not value.isascii() and not _encodes(value):
+        value = value.encode("utf-8", "replace").decode("utf-8")
+    return value.replace("\x00", "")[:limit]
+
+
+def _encodes(value: str) -> bool:
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True

@@ -24,6 +24,7 @@ import json
 import logging
 import os
 import signal
+import sqlite3
 import threading
 import time
 from collections import deque
@@ -53,8 +54,19 @@ _DURABILITY = ("batch", "sync")
 BACKLOG_BATCH_FACTOR = 5
 
 # Errors caused by the values of a row, which no retry fixes: a NOT NULL
-# column left empty, a number out of the column's range.
-_ROW_ERRORS = (sa.exc.DataError, sa.exc.IntegrityError)
+# column left empty, a number out of the column's range, and values the
+# driver cannot bind at all (an integer over 64 bits, text that UTF-8
+# cannot encode), which sqlite3 and psycopg raise before SQL runs.
+_ROW_ERRORS = (
+    sa.exc.DataError,
+    sa.exc.IntegrityError,
+    sa.exc.ProgrammingError,
+    sqlite3.ProgrammingError,
+    OverflowError,
+    UnicodeError,
+    TypeError,
+    ValueError,
+)
 
 # The inserted values of one row, in `INSERT_COLUMNS` order.
 _Values = tuple[Any, ...]
@@ -317,7 +329,7 @@ class Recorder:
             self._in_flight = batch
             self._write_started = time.monotonic()
             try:
-                self._insert_rows(self._build(batch, self.store.event_values))
+                self._insert_rows(self._build(batch, self.store.event_values), store_works=wrote)
             except Exception:
                 # Back to the front, in order, to be retried.
                 self._queue.extendleft(reversed(batch))
@@ -338,30 +350,42 @@ class Recorder:
                 logger.exception("cannot build the row of cost event %s; it is not written", event.event_id)
         return rows
 
-    def _insert_rows(self, rows: list[_Values]) -> None:
+    def _insert_rows(
+        self, rows: list[_Values], *, store_works: bool = False, set_aside: list[_Rejected] | None = None
+    ) -> None:
         """Insert rows in one transaction, or find and set aside the rows that the store rejects.
 
         When the store rejects a batch for its values, the batch is split in
         halves until the rejected rows stand alone. Those go to the rejected
-        file and the others are written. Raises when no row of the batch
-        could be written, since the cause is then likely the store, not a
-        row, and the batch is retried later.
+        file (or to `set_aside`, for the caller to save) and the others are
+        written. When no row could be written, the rows are rejected only if
+        the store is known to work: `store_works` (another write of this
+        pass succeeded) or a write transaction that reads the table
+        succeeds now. Otherwise this raises, and the batch is retried later.
         """
-        # NOTE: so a batch of one rejected row is retried until a later event
-        # joins it, and a spill file whose every row is rejected is replayed
-        # again and again.
         try:
             self.store.insert_values(rows)
             return
         except _ROW_ERRORS as exc:
-            if len(rows) == 1:
-                raise
             batch_error = exc
         rejected: list[_Rejected] = []
-        if not self._insert_halves(rows, rejected):
+        written = self._insert_halves(rows, rejected) if len(rows) > 1 else 0
+        if len(rows) == 1:
+            rejected.append((rows[0], batch_error))
+        if not written and not store_works and not self._store_accepts_writes():
             raise batch_error
+        if set_aside is not None:
+            set_aside.extend(rejected)
+            return
         for row, error in rejected:
             self._reject(row, error)
+
+    def _store_accepts_writes(self) -> bool:
+        try:
+            self.store.check_writable()
+        except Exception:
+            return False
+        return True
 
     def _insert_halves(self, rows: list[_Values], rejected: list[_Rejected]) -> int:
         """Insert both halves of rows, splitting each that fails; return the number of rows written."""
@@ -430,7 +454,10 @@ class Recorder:
         """Write the spill file to the store; return False when there was none to write.
 
         The file is read and written a transaction at a time, so a file
-        longer than the queue bound never sits in memory whole.
+        longer than the queue bound never sits in memory whole. Lines that
+        cannot be read and rows that the store rejects are saved to the
+        rejected file once the whole file is written, so that a replay
+        retried after a failure does not save them twice.
         """
         if not self._spill.has_events():
             return False
@@ -439,41 +466,46 @@ class Recorder:
             if replaying is None:
                 return False
             written = 0
-            unreadable: list[tuple[int, str, Exception]] = []
+            unreadable: list[tuple[int, str, str]] = []
+            rejected: list[_Rejected] = []
             rows: list[_Values] = []
-            with open(replaying, encoding="utf-8") as spilled:
-                for line_number, line in enumerate(spilled, 1):
-                    if not line.strip():
+            with open(replaying, "rb") as spilled:
+                for line_number, raw in enumerate(spilled, 1):
+                    if not raw.strip():
                         continue
                     try:
-                        rows.append(self.store.row_values(_decode_spilled(line)))
+                        rows.append(self.store.row_values(_decode_spilled(raw.decode("utf-8"))))
                     except (ValueError, KeyError, TypeError) as exc:
-                        # A torn last line from a crash mid-write, or a line
-                        # that a later version wrote.
-                        unreadable.append((line_number, line.rstrip("\n"), exc))
+                        # A torn last line from a crash mid-write, a line
+                        # that a later version wrote, or bytes that are not
+                        # UTF-8. Only the message is kept: a held exception
+                        # keeps its whole traceback alive.
+                        line = raw.decode("utf-8", "replace").rstrip("\n")
+                        unreadable.append((line_number, line, str(exc)))
                     if len(rows) >= size:
                         self._write_started = time.monotonic()
-                        self._insert_rows(rows)
+                        self._insert_rows(rows, store_works=written > 0, set_aside=rejected)
                         written += len(rows)
                         rows = []
             self._write_started = time.monotonic()
-            self._insert_rows(rows)
+            self._insert_rows(rows, store_works=written > 0, set_aside=rejected)
             written += len(rows)
-            # Saved once the file is written, so that a replay retried after
-            # a failure does not save them twice.
-            for line_number, line, exc in unreadable:
-                self._save_rejected({"error": f"unreadable spill line: {exc}", "line": line})
+            for line_number, line, message in unreadable:
+                self._save_rejected({"error": f"unreadable spill line: {message}", "line": line})
                 self._errors.error(
                     "line %d of %s cannot be read (%s); it was saved to %s",
                     line_number,
                     replaying,
-                    exc,
+                    message,
                     _rejected_path(self.spill_path),
                 )
+            for values, error in rejected:
+                self._reject(values, error)
             # Duplicates are skipped by event id, so a crash before this
             # unlink only causes a harmless second replay.
             os.unlink(replaying)
         self._spill.recount()
+        written -= len(rejected)
         self.written += written
         logger.info("wrote %d spilled cost events from %s", written, replaying)
         return True
@@ -523,6 +555,10 @@ class _SpillFile:
                         self._close_locked(sync=False)
                         continue
                     size = os.fstat(fd).st_size
+                    if size and os.pread(fd, 1, size - 1) != b"\n":
+                        # A process died mid-append and left a torn line:
+                        # end it, so that it does not swallow these lines.
+                        data = b"\n" + data
                     try:
                         _write_all(fd, data)
                     except OSError:
@@ -577,7 +613,8 @@ class _SpillFile:
     def _open(self) -> int:
         if self._fd is None:
             self.path.parent.mkdir(parents=True, exist_ok=True)
-            self._fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+            # Read access too, to check whether the file ends in a torn line.
+            self._fd = os.open(self.path, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o600)
         return self._fd
 
     def _is_current(self, fd: int) -> bool:
@@ -689,6 +726,9 @@ def _decode_spilled(line: str) -> dict[str, Any]:
     data = json.loads(line)
     if isinstance(data, list):
         layout, *values = data
+        # type() rather than isinstance: true and 1.0 are not layouts.
+        if type(layout) is not int:
+            raise ValueError(f"invalid spill layout {layout!r}")
         row = dict(zip(_SPILL_COLUMNS[layout], values, strict=True))
     else:
         # A JSON object per row: the format of earlier versions.

@@ -81,8 +81,8 @@ cost_events = sa.Table(
     sa.Index("uq_cost_events_event_id", "event_id", unique=True),
     # Serves the alert windows and the reports: each scans only its time
     # range. Every other index would cost each insert a write to a random
-    # page, so there is none on ts alone, (feature, ts) or (user_id, ts):
-    # no query of this package looks up one feature's or one user's rows
+    # page, so there is none on ts alone, (feature, ts) or (user_id, ts).
+    # No query of this package looks up one feature's or one user's rows
     # outside a time range.
     sa.Index("ix_cost_events_cost_ts", "ts", "cost_usd"),
     # NULLs are distinct in unique indexes on both backends, so rows without a
@@ -320,6 +320,12 @@ class Store:
             return after - before
         return result.rowcount if result.rowcount is not None and result.rowcount >= 0 else len(values)
 
+    def check_writable(self) -> None:
+        """Open a write transaction that reads `cost_events`; raise when the store cannot do that now."""
+        self.ensure_schema()
+        with self.write() as conn:
+            conn.execute(sa.select(cost_events.c.id).limit(0))
+
     def event_values(self, event: CostEvent) -> tuple[Any, ...]:
         """Return the inserted values of a cost event, in this backend's form."""
         return event.values(ts_as_text=self.dialect == "sqlite")
@@ -331,8 +337,11 @@ class Store:
         except KeyError:
             values = tuple(row.get(name) for name in INSERT_COLUMNS)
         ts = values[_TS_INDEX]
-        if self.dialect == "sqlite" and isinstance(ts, datetime):
-            values = (*values[:_TS_INDEX], ts_text(ts), *values[_TS_INDEX + 1 :])
+        if isinstance(ts, datetime) and (self.dialect == "sqlite" or ts.tzinfo is not None):
+            # Naive UTC in PostgreSQL too: an aware value would be converted
+            # to the session's time zone, which need not be UTC.
+            stored = ts_text(ts) if self.dialect == "sqlite" else ts.astimezone(UTC).replace(tzinfo=None)
+            values = (*values[:_TS_INDEX], stored, *values[_TS_INDEX + 1 :])
         return values
 
     def _total_changes(self, conn: Connection) -> int | None:

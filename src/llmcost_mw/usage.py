@@ -90,6 +90,9 @@ def _reader(source: Any) -> Callable[[str], Any]:
     """
     if isinstance(source, dict):
         return source.get
+    if isinstance(source, str | bytes | int | float | list | tuple):
+        # Every field would read as missing, giving empty buckets and $0.
+        raise TypeError(f"invalid usage {source!r}: expected an object or a JSON object")
     fields = getattr(source, "__dict__", None)
     extra = getattr(source, "__pydantic_extra__", None)
     if fields is not None and extra == {}:
@@ -97,12 +100,24 @@ def _reader(source: Any) -> Callable[[str], Any]:
     return functools.partial(_get, source)
 
 
+# The largest count the store's 32-bit integer columns hold; no real call
+# comes near it, so a larger one is a broken usage object.
+_MAX_COUNT = 2**31 - 1
+
+
 def _count(value: Any) -> int:
+    """Return a token or request count; raise ValueError for anything that is not a whole number in range."""
     if value is None:
         return 0
-    count = int(value)
-    if count < 0:
-        raise ValueError(f"invalid token count {value!r}: counts are never negative")
+    if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
+        # int() would read true as 1 and 3.7 as 3.
+        raise ValueError(f"invalid token count {value!r}: use a whole number")
+    try:
+        count = int(value)
+    except OverflowError as exc:  # int(float("inf"))
+        raise ValueError(f"invalid token count {value!r}: use a finite number") from exc
+    if not 0 <= count <= _MAX_COUNT:
+        raise ValueError(f"invalid token count {value!r}: counts are from 0 to {_MAX_COUNT}")
     return count
 
 
