@@ -37,6 +37,7 @@ from ..errors import ConfigurationError, UnpricedModelError
 from ..events import CostEvent, Status
 from ..tracker import Tracker
 from ..usage import Usage, usage_from_openai
+from ._hooks import install, request_wrappers, restore
 
 __all__ = ["SUPPORTED_VERSIONS", "patch", "unpatch"]
 
@@ -403,38 +404,7 @@ class _StreamTap:
             call.finish(Status.NOT_CONSUMED)
 
 
-def _sync_request(original: Any) -> Any:
-    @functools.wraps(original)
-    def request(self: Any, cast_to: Any, options: Any, *args: Any, **kwargs: Any) -> Any:
-        call = _begin(self, options)
-        if call is None:
-            return original(self, cast_to, options, *args, **kwargs)
-        try:
-            result = original(self, cast_to, options, *args, **kwargs)
-        except BaseException as error:
-            _failed(call, error)
-            raise
-        _settle(call, result, bool(kwargs.get("stream")))
-        return result
-
-    return request
-
-
-def _async_request(original: Any) -> Any:
-    @functools.wraps(original)
-    async def request(self: Any, cast_to: Any, options: Any, *args: Any, **kwargs: Any) -> Any:
-        call = _begin(self, options)
-        if call is None:
-            return await original(self, cast_to, options, *args, **kwargs)
-        try:
-            result = await original(self, cast_to, options, *args, **kwargs)
-        except BaseException as error:
-            _failed(call, error)
-            raise
-        _settle(call, result, bool(kwargs.get("stream")))
-        return result
-
-    return request
+_sync_request, _async_request = request_wrappers(_begin, _failed, _settle)
 
 
 def _sync_stream(original: Any) -> Any:
@@ -544,17 +514,12 @@ def patch(tracker: Tracker) -> None:
     # from BaseAPIResponse; `with_streaming_response` returns an APIResponse.
     _raw_response_classes = (BaseAPIResponse, LegacyAPIResponse)
     _api_error_class = APIError
-    for cls, name, wrap in targets:
-        original = cls.__dict__[name]
-        _originals[(cls, name)] = original
-        setattr(cls, name, wrap(original))
+    install(targets, _originals)
     _tracker = tracker
 
 
 def unpatch() -> None:
     """Restore the SDK's own methods."""
     global _tracker
-    for (cls, name), original in _originals.items():
-        setattr(cls, name, original)
-    _originals.clear()
+    restore(_originals)
     _tracker = None

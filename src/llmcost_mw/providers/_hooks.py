@@ -1,0 +1,80 @@
+"""Wrappers that the provider modules share: the hook around an SDK client's `request()`.
+
+Both SDKs are generated from one template, so their `request()` takes the
+same arguments and runs the retry loop inside. A provider module passes its
+own functions that start a call, record a failure and settle a result.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable
+from typing import Any
+
+__all__ = ["install", "request_wrappers", "restore"]
+
+# A function that returns a wrapper of an SDK method, given the original.
+Wrap = Callable[[Any], Any]
+
+
+def request_wrappers(
+    begin: Callable[[Any, Any], Any],
+    failed: Callable[[Any, BaseException], None],
+    settle: Callable[[Any, Any, bool], None],
+) -> tuple[Wrap, Wrap]:
+    """Return the wraps of the sync and async `request()` methods.
+
+    `begin(client, options)` returns the call to record, or None for a
+    request that is not billable. `failed(call, error)` records the final
+    failure, which is then raised to the caller. `settle(call, result,
+    stream)` records what the result shows once `request()` returns.
+    """
+
+    def sync_request(original: Any) -> Any:
+        @functools.wraps(original)
+        def request(self: Any, cast_to: Any, options: Any, *args: Any, **kwargs: Any) -> Any:
+            call = begin(self, options)
+            if call is None:
+                return original(self, cast_to, options, *args, **kwargs)
+            try:
+                result = original(self, cast_to, options, *args, **kwargs)
+            except BaseException as error:
+                failed(call, error)
+                raise
+            settle(call, result, bool(kwargs.get("stream")))
+            return result
+
+        return request
+
+    def async_request(original: Any) -> Any:
+        @functools.wraps(original)
+        async def request(self: Any, cast_to: Any, options: Any, *args: Any, **kwargs: Any) -> Any:
+            call = begin(self, options)
+            if call is None:
+                return await original(self, cast_to, options, *args, **kwargs)
+            try:
+                result = await original(self, cast_to, options, *args, **kwargs)
+            except BaseException as error:
+                failed(call, error)
+                raise
+            settle(call, result, bool(kwargs.get("stream")))
+            return result
+
+        return request
+
+    return sync_request, async_request
+
+
+def install(targets: list[tuple[type, str, Wrap]], originals: dict[tuple[type, str], Any]) -> None:
+    """Replace each `cls.name` with its wrap, keeping the original in `originals`."""
+    for cls, name, wrap in targets:
+        original = cls.__dict__[name]
+        originals[(cls, name)] = original
+        setattr(cls, name, wrap(original))
+
+
+def restore(originals: dict[tuple[type, str], Any]) -> None:
+    """Put back every original method that `install` replaced."""
+    for (cls, name), original in originals.items():
+        setattr(cls, name, original)
+    originals.clear()
