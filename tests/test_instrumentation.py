@@ -338,6 +338,23 @@ def test_stream_never_read_not_consumed(tracker, api):
     assert rows[0]["status"] == "not_consumed"
 
 
+@pytest.mark.parametrize("iterated", [False, True], ids=["never-iterated", "iterated-part-way"])
+def test_stream_dropped_recorded_once(tracker, api, iterated):
+    import gc
+
+    client = api.client(sse_reply(stream_events()))
+
+    stream = create(client, stream=True)
+    if iterated:
+        next(iter(stream))
+    del stream
+    gc.collect()
+    rows = rows_after_flush(tracker)
+
+    assert len(rows) == 1
+    assert rows[0]["status"] == ("incomplete" if iterated else "not_consumed")
+
+
 def test_stream_error_event_error_row(tracker, api):
     events = stream_events()[:3]
     events.append({"type": "error", "error": {"type": "overloaded_error", "message": "Overloaded"}})

@@ -229,6 +229,22 @@ def test_chat_stream_closed_early_incomplete(tracker, fake, clients):
     assert_empty_buckets(row)
 
 
+def test_chat_stream_dropped_unread_not_consumed(tracker, fake, clients):
+    import gc
+
+    client = clients()
+
+    stream = client.chat.completions.create(
+        model=CHAT_MODEL, messages=MESSAGES, stream=True, stream_options=INCLUDE_USAGE
+    )
+    del stream
+    gc.collect()
+    row = only_row(tracker)
+
+    assert row["status"] == "not_consumed"
+    assert_empty_buckets(row)
+
+
 def test_chat_stream_never_read_not_consumed(tracker, fake, clients):
     client = clients()
 

@@ -8,10 +8,11 @@ own functions that start a call, record a failure and settle a result.
 from __future__ import annotations
 
 import functools
+import weakref
 from collections.abc import Callable
 from typing import Any
 
-__all__ = ["install", "request_wrappers", "restore"]
+__all__ = ["install", "on_drop", "request_wrappers", "restore"]
 
 # A function that returns a wrapper of an SDK method, given the original.
 Wrap = Callable[[Any], Any]
@@ -78,3 +79,19 @@ def restore(originals: dict[tuple[type, str], Any]) -> None:
     for (cls, name), original in originals.items():
         setattr(cls, name, original)
     originals.clear()
+
+
+def on_drop(stream: Any, callback: Callable[[], None]) -> None:
+    """Run `callback` when `stream` is garbage collected, unless the interpreter is exiting by then.
+
+    A stream that its caller drops without iterating or closing it runs no
+    code of the SDK's, and so none of the hooks', except its collection.
+    `callback` must not refer to `stream`, or the stream would never be
+    collected.
+    """
+    try:
+        finalizer = weakref.finalize(stream, callback)
+    except TypeError:  # an object that takes no weak references
+        return
+    # At exit the recorder may already have written its queue and stopped.
+    finalizer.atexit = False

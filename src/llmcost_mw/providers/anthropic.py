@@ -36,7 +36,7 @@ from ..errors import ConfigurationError, UnpricedModelError
 from ..events import CostEvent, Status
 from ..tracker import Tracker
 from ..usage import Usage, merge_anthropic_delta, usage_from_anthropic
-from ._hooks import install, request_wrappers, restore
+from ._hooks import install, on_drop, request_wrappers, restore
 
 __all__ = ["patch", "unpatch"]
 
@@ -200,6 +200,7 @@ def _settle(call: _Call, result: Any, stream: bool) -> None:
     """Record what can be recorded once `request()` has returned."""
     if isinstance(result, _stream_classes):
         setattr(result.response, _CALL_ATTRIBUTE, call)
+        on_drop(result, functools.partial(_dropped, call))
         return
     if isinstance(result, _raw_response_classes):
         _settle_raw(call, result.http_response, stream)
@@ -405,6 +406,14 @@ def _async_stream(original: Any) -> Any:
     return __stream__
 
 
+def _dropped(call: _Call) -> None:
+    """Record a stream that its caller dropped without iterating or closing it."""
+    # One that was iterated is recorded by its stream hook, when Python
+    # closes the suspended generator.
+    if not call.finished and not call.tapped:
+        call.finish(Status.NOT_CONSUMED)
+
+
 def _closed_by_caller(stream: Any) -> None:
     """Record a stream that its caller closed before it ended.
 
@@ -412,8 +421,6 @@ def _closed_by_caller(stream: Any) -> None:
     it. One iterated part way is recorded now rather than when its suspended
     generator is garbage collected.
     """
-    # NOTE: a stream that is never iterated and never closed (dropped by the
-    # caller) writes no row: nothing runs for it but garbage collection.
     call = getattr(stream.response, _CALL_ATTRIBUTE, None)
     if call is None or call.finished:
         return

@@ -37,7 +37,7 @@ from ..errors import ConfigurationError, UnpricedModelError
 from ..events import CostEvent, Status
 from ..tracker import Tracker
 from ..usage import Usage, usage_from_openai
-from ._hooks import install, request_wrappers, restore
+from ._hooks import install, on_drop, request_wrappers, restore
 
 __all__ = ["SUPPORTED_VERSIONS", "patch", "unpatch"]
 
@@ -220,6 +220,7 @@ def _settle(call: _Call, result: Any, stream: bool) -> None:
     if isinstance(result, _stream_classes):
         setattr(result.response, _CALL_ATTRIBUTE, call)
         _hook_close(call, result.response)
+        on_drop(result, functools.partial(_dropped, call))
         return
     if isinstance(result, _raw_response_classes):
         _settle_raw(call, result.http_response, stream)
@@ -230,6 +231,14 @@ def _settle(call: _Call, result: Any, stream: bool) -> None:
     # (`responses.retrieve`) shows, and GETs are not recorded. The row is
     # written with empty buckets, flagged `usage_unknown` and left unpriced.
     call.finish(Status.OK, flags=call.unknown_usage_flags())
+
+
+def _dropped(call: _Call) -> None:
+    """Record a stream that its caller dropped without iterating or closing it."""
+    # One that was iterated is recorded by its stream hook, when Python
+    # closes the suspended generator.
+    if not call.finished and call.tap is None:
+        call.finish(Status.NOT_CONSUMED)
 
 
 def _settle_raw(call: _Call, http_response: Any, stream: bool) -> None:
