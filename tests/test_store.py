@@ -664,3 +664,30 @@ def test_append_after_torn_line_starts_new_line(locked_store, db_path, tmp_path)
     assert flushed is True
     assert stored == sorted(item.event_id for item in items)
     assert len(rejected) == 1
+
+
+@pytest.mark.parametrize(
+    ("column", "value"),
+    [
+        pytest.param("prompt_tokens", "abc", id="text-in-integer"),
+        pytest.param("input_tokens", 1.5, id="fraction-in-integer"),
+        pytest.param("cost_usd", "cheap", id="text-in-float"),
+        pytest.param("unpriced", 1, id="number-in-boolean"),
+        pytest.param("model", 7, id="number-in-text"),
+    ],
+)
+def test_spill_line_with_wrong_type_rejected(store, tmp_path, column, value):
+    from llmcost_mw.store import INSERT_COLUMNS
+
+    spill_path = tmp_path / "spill.jsonl"
+    good = event(cost="1")
+    damaged = list(event(cost="1").values(ts_as_text=True))
+    damaged[INSERT_COLUMNS.index(column)] = value
+    spill_path.write_text(spill_line(good) + "\n" + json.dumps([1, *damaged]) + "\n", encoding="utf-8")
+
+    replay(store, spill_path)
+    rejected = Path(f"{spill_path}.rejected").read_text("utf-8").splitlines()
+
+    assert [row["event_id"] for row in store.fetch_events()] == [good.event_id]
+    assert len(rejected) == 1
+    assert column in json.loads(rejected[0])["error"]

@@ -22,6 +22,7 @@ import contextvars
 import hashlib
 import json
 import logging
+import math
 import os
 import signal
 import sqlite3
@@ -42,7 +43,7 @@ import sqlalchemy as sa
 
 from .errors import ConfigurationError
 from .events import CostEvent
-from .store import INSERT_COLUMNS, Store
+from .store import INSERT_COLUMNS, Store, cost_events
 
 __all__ = ["Recorder"]
 
@@ -734,7 +735,35 @@ def _decode_spilled(line: str) -> dict[str, Any]:
         # A JSON object per row: the format of earlier versions.
         row = data
     row["ts"] = datetime.fromisoformat(row["ts"])
+    for name, value in row.items():
+        expected = _SPILL_TYPES.get(name)
+        # SQLite would store a value of the wrong type as it is, so a
+        # damaged line would put text where a report sums numbers.
+        if expected is not None and value is not None and not _is_of(value, expected):
+            raise ValueError(f"invalid {name} {value!r} in a spill line")
     return row
+
+
+def _column_type(column: sa.Column) -> type:
+    if isinstance(column.type, sa.Boolean):
+        return bool
+    if isinstance(column.type, sa.Integer):
+        return int
+    if isinstance(column.type, sa.Float):
+        return float
+    return str
+
+
+# The Python type of each inserted column but `ts`, which is parsed apart.
+_SPILL_TYPES = {name: _column_type(cost_events.c[name]) for name in INSERT_COLUMNS if name != "ts"}
+
+
+def _is_of(value: Any, expected: type) -> bool:
+    if expected is bool or isinstance(value, bool):
+        return type(value) is expected
+    if expected is float:
+        return isinstance(value, int | float) and math.isfinite(value)
+    return isinstance(value, expected)
 
 
 _sigterm_installed = False
