@@ -620,8 +620,8 @@ def test_spill_layout_must_be_an_integer(store, tmp_path):
 
 
 def test_lone_rejected_row_at_end_of_replay(db_path, tmp_path):
-    # The last transaction of the replay holds only a row that the store
-    # rejects; the store works, so the row is set aside and the file done.
+    # The last transaction of the replay has only a row that the store
+    # rejects. The store works, so the row is set aside and the file is done.
     spill_path = tmp_path / "spill.jsonl"
     items = [event(cost="0.01", user_id=f"u-{i}") for i in range(501)]
     items[-1].model = None
