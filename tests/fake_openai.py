@@ -23,7 +23,10 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
 AZURE_MODEL = "gpt-4.1-mini-2025-04-14"
-BEHAVIOURS = ("-retry500", "-fail500", "-badusage")
+# -malformed: a chat stream with one chunk whose `choices` is a number.
+# -cut: a chat stream whose connection closes after two chunks.
+# -length: a chat completion that stopped at its token limit.
+BEHAVIOURS = ("-retry500", "-fail500", "-badusage", "-malformed", "-cut", "-length")
 
 # Chat and legacy completions usage: 1000 prompt tokens, of which 400 were
 # read from the cache, and 300 completion tokens, of which 120 were reasoning.
@@ -98,6 +101,7 @@ class _Handler(BaseHTTPRequestHandler):
             )
             return
         usage = BAD_USAGE if behaviour == "-badusage" else None
+        self.behaviour = behaviour
 
         if path == "/v1/chat/completions":
             self._chat(body, model, usage or CHAT_USAGE)
@@ -126,7 +130,7 @@ class _Handler(BaseHTTPRequestHandler):
                         {
                             "index": 0,
                             "message": {"role": "assistant", "content": content},
-                            "finish_reason": "stop",
+                            "finish_reason": "length" if self.behaviour == "-length" else "stop",
                             "logprobs": None,
                         }
                     ],
@@ -153,9 +157,15 @@ class _Handler(BaseHTTPRequestHandler):
             chunk({"content": content[5:]}, None),
             chunk({}, "stop"),
         ]
+        if self.behaviour == "-malformed":
+            frames.insert(2, {**chunk({}, None), "choices": 7})
         if include_usage:
             frames.append({**chunk({}, None), "choices": [], "usage": usage})
-        self._send_sse([f"data: {json.dumps(frame)}\n\n" for frame in frames] + ["data: [DONE]\n\n"])
+        lines = [f"data: {json.dumps(frame)}\n\n" for frame in frames] + ["data: [DONE]\n\n"]
+        if self.behaviour == "-cut":
+            self._send_cut_sse(lines[:2])
+            return
+        self._send_sse(lines)
 
     def _completion(self, body: dict[str, Any], model: str, usage: dict[str, Any]) -> None:
         self._send_json(
@@ -219,6 +229,17 @@ class _Handler(BaseHTTPRequestHandler):
             self.send_header(name, value)
         self.end_headers()
         self.wfile.write(data)
+
+    def _send_cut_sse(self, frames: list[str]) -> None:
+        """Announce a longer body than is sent, then close the connection."""
+        data = "".join(frames).encode()
+        self.send_response(200)
+        self.send_header("content-type", "text/event-stream")
+        self.send_header("content-length", str(len(data) + 1000))
+        self.end_headers()
+        self.wfile.write(data)
+        self.wfile.flush()
+        self.close_connection = True
 
     def _send_sse(self, frames: list[str]) -> None:
         data = "".join(frames).encode()

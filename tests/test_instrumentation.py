@@ -170,6 +170,8 @@ def test_broken_usage_flagged_not_lost(tracker, api, usage_json, strict):
     assert len(rows) == 2
     assert rows[0]["flags"] == "usage_invalid"
     assert (rows[0]["input_tokens"], rows[0]["output_tokens"]) == (0, 0)
+    assert rows[0]["cost_usd"] is None
+    assert rows[0]["unpriced"] is True
 
 
 def test_create_row_buckets_and_cost(tracker, api):

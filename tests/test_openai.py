@@ -412,6 +412,8 @@ def test_chat_invalid_usage_flagged(tracker, fake, clients):
     assert completion.id == "chatcmpl-1"
     assert row["status"] == "ok"
     assert "usage_invalid" in row["flags"]
+    assert row["cost_usd"] is None
+    assert row["unpriced"] is True
     assert_empty_buckets(row)
 
 
@@ -686,6 +688,8 @@ def test_usage_from_openai_shapes():
     assert (chat.output_tokens, chat.reasoning_tokens, chat.prompt_tokens) == (50, 10, 100)
     assert (responses.input_tokens, responses.cache_read_tokens, responses.output_tokens) == (70, 30, 50)
     assert (embeddings.input_tokens, embeddings.output_tokens) == (8, 0)
+    completion_only = usage_from_openai({"prompt_tokens": None, "completion_tokens": 300})
+    assert (completion_only.input_tokens, completion_only.output_tokens) == (0, 300)
 
 
 @pytest.mark.parametrize(
@@ -696,6 +700,8 @@ def test_usage_from_openai_shapes():
         pytest.param(
             {"prompt_tokens": 10, "prompt_tokens_details": {"cached_tokens": 11}}, id="cached-over-prompt"
         ),
+        pytest.param({"total_tokens": 300}, id="no-known-count"),
+        pytest.param({}, id="empty"),
     ],
 )
 def test_usage_from_openai_invalid_raises(usage):
@@ -754,3 +760,117 @@ def test_unsupported_version_skipped_by_instrument(monkeypatch, caplog, store, t
     assert tracker is not None
     assert "OpenAI calls are not recorded" in caplog.text
     assert "openai>=3.60,<4" in caplog.text
+
+
+ABANDONED_STREAM_CHILD = """
+import sys
+import openai
+import llmcost_mw
+from llmcost_mw.recorder import Recorder
+from llmcost_mw.store import Store
+
+store = Store(sys.argv[1])
+llmcost_mw.instrument(store=store, recorder=Recorder(store), registry=None)
+client = openai.OpenAI(api_key="k", base_url=sys.argv[2], max_retries=0)
+
+
+def first_chunk():
+    stream = client.chat.completions.create(
+        model="gpt-4.1-mini", messages=[{"role": "user", "content": "hi"}], stream=True,
+        stream_options={"include_usage": True},
+    )
+    for chunk in stream:
+        return chunk  # leaves the stream open and unread
+
+
+first_chunk()
+print("done", flush=True)
+"""
+
+
+@pytest.mark.timeout(120)
+def test_stream_left_open_at_exit_does_not_hang(fake, tmp_path):
+    # The stream and its generator form a cycle that only the collector
+    # frees, which at exit runs after the recorder's exit hook.
+    import subprocess
+    import sys
+
+    from llmcost_mw.recorder import Recorder
+    from llmcost_mw.store import Store
+
+    url = f"sqlite:///{tmp_path / 'costs.db'}"
+    script = tmp_path / "child.py"
+    script.write_text(ABANDONED_STREAM_CHILD, encoding="utf-8")
+
+    child = subprocess.run(
+        [sys.executable, str(script), url, f"{fake.base_url}/v1"], capture_output=True, text=True, timeout=60
+    )
+    store = Store(url)
+    recorder = Recorder(store, spill_path=tmp_path / "costs.db.spill.jsonl")
+    assert recorder.flush(timeout_seconds=10)
+    recorder.close(timeout_seconds=2)
+    rows = store.fetch_events()
+    store.dispose()
+
+    assert child.returncode == 0, child.stderr
+    assert child.stdout.strip() == "done"
+    assert [row["status"] for row in rows] == ["incomplete"]
+
+
+def test_malformed_chunk_does_not_break_stream(tracker, fake, clients):
+    client = clients()
+
+    stream = client.chat.completions.create(
+        model=f"{CHAT_MODEL}-malformed", messages=MESSAGES, stream=True, stream_options=INCLUDE_USAGE
+    )
+    chunks = list(stream)
+    row = only_row(tracker)
+
+    # The caller sees every chunk, the malformed one included.
+    assert len(chunks) == 6
+    assert row["flags"] == "usage_invalid"
+    assert row["cost_usd"] is None
+
+
+def test_stream_cut_by_server_incomplete(tracker, fake, clients):
+    client = clients()
+
+    stream = client.chat.completions.create(
+        model=f"{CHAT_MODEL}-cut", messages=MESSAGES, stream=True, stream_options=INCLUDE_USAGE
+    )
+    with pytest.raises(openai.APIConnectionError):
+        list(stream)
+    row = only_row(tracker)
+
+    assert row["status"] == "incomplete"
+    assert row["error_type"] == "APIConnectionError"
+    assert row["cost_usd"] is None
+
+
+def test_parse_cut_at_token_limit_still_priced(tracker, fake, clients):
+    # The reply was billed, although parse() raises for it.
+    client = clients()
+
+    with pytest.raises(openai.LengthFinishReasonError):
+        client.chat.completions.parse(model=f"{CHAT_MODEL}-length", messages=MESSAGES, response_format=Answer)
+    row = only_row(tracker)
+
+    assert row["status"] == "error"
+    assert row["error_type"] == "LengthFinishReasonError"
+    assert (row["input_tokens"], row["cache_read_tokens"], row["output_tokens"]) == (600, 400, 300)
+    # 600 x $0.40 + 400 x $0.10 + 300 x $1.60 per million tokens.
+    assert Decimal(str(row["cost_usd"])) == Decimal("0.00076")
+
+
+def test_strict_mode_accepts_unknown_usage_of_listed_model(tracker, fake, clients):
+    # Strict mode raises for a model missing from the price table; a listed
+    # model whose stream reported no usage is recorded unpriced, without raising.
+    tracker.strict = True
+    client = clients()
+
+    chunks = list(client.chat.completions.create(model=CHAT_MODEL, messages=MESSAGES, stream=True))
+    row = only_row(tracker)
+
+    assert len(chunks) == 4
+    assert row["flags"] == "usage_unknown"
+    assert row["unpriced"] is True

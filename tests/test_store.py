@@ -403,7 +403,7 @@ def test_close_while_locked_spills_then_replays(locked_store, db_path, tmp_path)
         locker.close()
     # A second close() of this stopped recorder, as atexit makes, waits its
     # whole timeout. test_second_close_returns_quickly covers that.
-    atexit.unregister(recorder.close)
+    atexit.unregister(recorder._close_at_exit)
     next_start = Recorder(locked_store, spill_path=spill_path)
     flushed = next_start.flush(timeout_seconds=10)
     next_start.close(timeout_seconds=2)
@@ -430,7 +430,7 @@ def test_second_close_returns_quickly(locked_store, db_path, tmp_path):
         recorder.close(timeout_seconds=3)
         elapsed_seconds = time.monotonic() - started
     finally:
-        atexit.unregister(recorder.close)
+        atexit.unregister(recorder._close_at_exit)
 
     assert elapsed_seconds < 1.5
 

@@ -218,6 +218,8 @@ class PriceBook:
         back to a prefix, so an unknown version is unpriced rather than priced
         as its nearest relative.
         """
+        if not isinstance(model, str):
+            model = str(model)
         try:
             return self._cache[model]
         except KeyError:

@@ -26,6 +26,7 @@ import math
 import os
 import signal
 import sqlite3
+import sys
 import threading
 import time
 from collections import deque
@@ -140,6 +141,9 @@ class Recorder:
         self._failing = False
         self._failed_attempts = 0
         self._stopping = False
+        # Set by the atexit hook. Past it, no writer thread can start (Python
+        # would wait for it forever), so events go to the spill file.
+        self._exited = False
         self._thread: threading.Thread | None = None
         self._start_lock = threading.Lock()
         self._errors = _RateLimitedLog()
@@ -164,6 +168,10 @@ class Recorder:
         microseconds, where an fsync per event could take milliseconds.
         """
         if self.durability == "sync" and self._write_now(event):
+            return
+        if self._exited or sys.is_finalizing():
+            # A stream that Python closes while it shuts down ends here.
+            self._spill_at_exit(event)
             return
         if len(self._queue) < self.max_queue_events or not self._try_spill([event]):
             # Past the bound the event goes to disk; if even that fails it
@@ -212,7 +220,7 @@ class Recorder:
         thread, self._thread = self._thread, None
         if thread is not None:
             thread.join(timeout=5.0)
-        atexit.unregister(self.close)
+        atexit.unregister(self._close_at_exit)
         leftover = list(self._queue)
         if thread is not None and thread.is_alive():
             # The writer is stuck in a write that may still fail after this
@@ -244,8 +252,23 @@ class Recorder:
                 target=empty.run, args=(self._run,), name="llmcost-recorder", daemon=True
             )
             self._thread.start()
-            atexit.register(self.close)
+            atexit.register(self._close_at_exit)
             _install_sigterm_handler()
+
+    def _close_at_exit(self) -> None:
+        self._exited = True
+        self.close()
+
+    def _spill_at_exit(self, event: CostEvent) -> None:
+        """Save an event recorded after the exit hook ran; the next recorder on the store writes it."""
+        if self._try_spill([event]):
+            self._spill.close()
+            logger.warning(
+                "cost event %s was recorded during interpreter exit and saved to %s; "
+                "it is written on the next start",
+                event.event_id,
+                self.spill_path,
+            )
 
     def _after_fork(self) -> None:
         # The writer thread does not exist in a forked child; start a new one

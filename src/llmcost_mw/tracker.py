@@ -17,9 +17,9 @@ __all__ = ["Tracker"]
 logger = logging.getLogger(__name__)
 
 USAGE_UNKNOWN_WARNING = (
-    "calls to model %r (provider %s) report no token usage, so their cost is recorded as unknown "
-    "(cost_usd NULL, flag usage_unknown); for OpenAI chat streams, pass "
-    "stream_options={'include_usage': True} to get the usage"
+    "a call to model %r (provider %s) reported no token usage, so its cost is recorded as unknown "
+    "(cost_usd NULL, flag usage_unknown); an OpenAI chat stream reports its usage only with "
+    "stream_options={'include_usage': True}"
 )
 UNPRICED_WARNING = (
     "model %r (provider %s) is not in the price table; its calls are recorded with cost_usd NULL "
@@ -63,7 +63,9 @@ class Tracker:
         if self.strict:
             self._prepare_one(event)
             self.recorder.record(event)
-            if event.unpriced:
+            # Only a model missing from the table: a call whose usage was
+            # unknown or invalid is unpriced too, but no price row fixes it.
+            if event.unpriced and self.price_book.lookup(event.model) is None:
                 raise UnpricedModelError(event.model)
             return
         event.prepare = self.process_pending
@@ -87,18 +89,21 @@ class Tracker:
         event.prepare = None
         event.resolve_usage()
         event.price_version = self.price_book.version
-        if "usage_unknown" in event.flags or "usage_unknown" in event.usage.flags:
-            # Tokens were spent but never reported, as in a chat stream
-            # without `include_usage`, so pricing the empty buckets would claim $0.
+        flags = event.flags | event.usage.flags
+        if "usage_unknown" in flags or "usage_invalid" in flags:
+            # Tokens were spent but never reported (a chat stream without
+            # `include_usage`), or reported in a form that could not be read,
+            # so pricing the empty buckets would claim $0.
             event.unpriced = True
             event.cost_usd = None
-            key = f"usage:{event.provider}:{event.model}"
-            self._warn_once(key, USAGE_UNKNOWN_WARNING, event.model, event.provider)
+            if "usage_unknown" in flags:
+                key = f"usage:{event.provider}:{event.model}"
+                self._warn_once(key, USAGE_UNKNOWN_WARNING, event.model, event.provider)
         else:
             self._price(event)
         # A repeated response id (batch results downloaded again) is counted
         # once; the store's unique index drops its second row.
-        if event.response_id is not None and self._seen(event.response_id):
+        if event.response_id is not None and self._seen(str(event.response_id)):
             return
         if self.metrics is not None:
             try:

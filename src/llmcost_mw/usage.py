@@ -281,7 +281,7 @@ def usage_from_openai(usage: Any) -> Usage:
     """
     get = _reader(usage)
     prompt = get("prompt_tokens")
-    if prompt is not None:
+    if prompt is not None or get("completion_tokens") is not None:
         # Chat completions, legacy completions and embeddings.
         input_details = get("prompt_tokens_details")
         output_details = get("completion_tokens_details")
@@ -289,6 +289,11 @@ def usage_from_openai(usage: Any) -> Usage:
     else:
         # The Responses API.
         prompt = get("input_tokens")
+        if prompt is None and get("output_tokens") is None:
+            # Read as zero tokens, such a usage would price the call at $0.
+            raise ValueError(
+                "invalid usage: it has none of prompt_tokens, completion_tokens, input_tokens, output_tokens"
+            )
         input_details = get("input_tokens_details")
         output_details = get("output_tokens_details")
         output = _count(get("output_tokens"))

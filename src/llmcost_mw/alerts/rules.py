@@ -422,8 +422,10 @@ def builtin_rules() -> list[Rule]:
                 "FROM cost_events\n"
                 "WHERE ts >= :since AND ts <= :now AND unpriced = TRUE\n"
                 # A call whose usage was never reported (a chat stream without
-                # include_usage) is unpriced too, but a price row would not fix it.
-                "  AND (flags IS NULL OR flags NOT LIKE '%usage_unknown%')\n"
+                # include_usage) or could not be read is unpriced too, but a
+                # price row would not fix it.
+                "  AND (flags IS NULL\n"
+                "       OR (flags NOT LIKE '%usage_unknown%' AND flags NOT LIKE '%usage_invalid%'))\n"
                 "GROUP BY model\n"
                 "HAVING COUNT(*) > :threshold"
             ),

@@ -8,11 +8,14 @@ own functions that start a call, record a failure and settle a result.
 from __future__ import annotations
 
 import functools
+import logging
 import weakref
 from collections.abc import Callable
 from typing import Any
 
-__all__ = ["install", "on_drop", "request_wrappers", "restore"]
+__all__ = ["install", "observe", "on_drop", "request_wrappers", "restore"]
+
+logger = logging.getLogger(__name__)
 
 # A function that returns a wrapper of an SDK method, given the original.
 Wrap = Callable[[Any], Any]
@@ -95,3 +98,24 @@ def on_drop(stream: Any, callback: Callable[[], None]) -> None:
         return
     # At exit the recorder may already have written its queue and stopped.
     finalizer.atexit = False
+
+
+def observe(tap: Any, event: Any) -> None:
+    """Pass one stream event to `tap.observe`, which must never break the caller's stream.
+
+    The SDKs build stream events without validating them, so a malformed
+    event can make reading its usage raise. The call is then flagged
+    `usage_invalid`, and the event still reaches the caller.
+    """
+    try:
+        tap.observe(event)
+    except Exception:
+        call = tap.call
+        if "usage_invalid" not in call.flags:
+            logger.warning(
+                "cannot read a %s stream event (model %s); the call is flagged usage_invalid",
+                call.provider,
+                call.request_model,
+                exc_info=True,
+            )
+            call.flags = call.flags | {"usage_invalid"}

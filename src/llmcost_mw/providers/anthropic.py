@@ -36,7 +36,7 @@ from ..errors import ConfigurationError, UnpricedModelError
 from ..events import CostEvent, Status
 from ..tracker import Tracker
 from ..usage import Usage, merge_anthropic_delta, usage_from_anthropic
-from ._hooks import install, on_drop, request_wrappers, restore
+from ._hooks import install, observe, on_drop, request_wrappers, restore
 
 __all__ = ["patch", "unpatch"]
 
@@ -372,7 +372,7 @@ def _sync_stream(original: Any) -> Any:
         inner = original(self)
         try:
             for event in inner:
-                tap.observe(event)
+                observe(tap, event)
                 yield event
         except BaseException as error:
             inner.close()
@@ -395,7 +395,7 @@ def _async_stream(original: Any) -> Any:
         inner = original(self)
         try:
             async for event in inner:
-                tap.observe(event)
+                observe(tap, event)
                 yield event
         except BaseException as error:
             await inner.aclose()

@@ -37,7 +37,7 @@ from ..errors import ConfigurationError, UnpricedModelError
 from ..events import CostEvent, Status
 from ..tracker import Tracker
 from ..usage import Usage, usage_from_openai
-from ._hooks import install, on_drop, request_wrappers, restore
+from ._hooks import install, observe, on_drop, request_wrappers, restore
 
 __all__ = ["SUPPORTED_VERSIONS", "patch", "unpatch"]
 
@@ -72,6 +72,7 @@ _provider_by_class: dict[type, str] = {}
 _stream_classes: tuple[type[Any], ...] = ()
 _raw_response_classes: tuple[type[Any], ...] = ()
 _api_error_class: type[BaseException] | None = None
+_connection_error_classes: tuple[type[BaseException], ...] = ()
 
 
 class _Call:
@@ -342,6 +343,11 @@ def _hook_close(call: _Call, http_response: Any) -> None:
 
 
 def _failed(call: _Call, error: BaseException) -> None:
+    # `parse()` raises LengthFinishReasonError (and the like) after a 200
+    # reply that was billed; the error carries that completion and its usage.
+    completion = getattr(error, "completion", None)
+    if completion is not None and getattr(completion, "usage", None) is not None:
+        call.absorb(completion, parse_later=True)
     call.finish(Status.ERROR, error=error)
 
 
@@ -397,7 +403,11 @@ class _StreamTap:
     def end(self, error: BaseException | None = None) -> None:
         call = self.call
         flags = call.unknown_usage_flags()
-        if _api_error_class is not None and isinstance(error, _api_error_class):
+        if isinstance(error, _connection_error_classes):
+            # A connection lost or timed out mid-stream, which the SDK wraps
+            # in APIConnectionError: tokens were already spent.
+            call.finish(Status.INCOMPLETE, error=error, flags=flags)
+        elif _api_error_class is not None and isinstance(error, _api_error_class):
             # An error payload from the server, which the SDK raises.
             call.finish(Status.ERROR, error=error, flags=flags)
         elif error is not None and not isinstance(error, GeneratorExit):
@@ -427,7 +437,7 @@ def _sync_stream(original: Any) -> Any:
         inner = original(self)
         try:
             for event in inner:
-                tap.observe(event)
+                observe(tap, event)
                 tap.inside = False
                 try:
                     yield event
@@ -454,7 +464,7 @@ def _async_stream(original: Any) -> Any:
         inner = original(self)
         try:
             async for event in inner:
-                tap.observe(event)
+                observe(tap, event)
                 tap.inside = False
                 try:
                     yield event
@@ -509,12 +519,12 @@ def _targets() -> list[tuple[type, str, Any]]:
 
 def patch(tracker: Tracker) -> None:
     """Patch the SDK classes once; later calls only switch the tracker."""
-    global _tracker, _stream_classes, _raw_response_classes, _api_error_class
+    global _tracker, _stream_classes, _raw_response_classes, _api_error_class, _connection_error_classes
     if _originals:
         _tracker = tracker
         return
     targets = _targets()
-    from openai import APIError, AsyncStream, Stream
+    from openai import APIConnectionError, APIError, AsyncStream, Stream
     from openai._legacy_response import LegacyAPIResponse
     from openai._response import BaseAPIResponse
 
@@ -523,6 +533,7 @@ def patch(tracker: Tracker) -> None:
     # from BaseAPIResponse; `with_streaming_response` returns an APIResponse.
     _raw_response_classes = (BaseAPIResponse, LegacyAPIResponse)
     _api_error_class = APIError
+    _connection_error_classes = (APIConnectionError,)
     install(targets, _originals)
     _tracker = tracker
 
