@@ -636,9 +636,9 @@ def test_embeddings_row(tracker, registry, fake, clients):
     assert row["input_tokens"] == 8
     assert row["output_tokens"] == 0
     assert row["cache_read_tokens"] == 0
-    # The price table has no embedding rows yet, so the row is unpriced.
-    assert row["cost_usd"] is None
-    assert row["unpriced"] is True
+    # 8 input tokens at $0.02 per million.
+    assert Decimal(str(row["cost_usd"])) == Decimal("0.00000016")
+    assert row["unpriced"] is False
     assert (
         sample(
             registry,
