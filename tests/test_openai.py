@@ -874,3 +874,17 @@ def test_strict_mode_accepts_unknown_usage_of_listed_model(tracker, fake, client
     assert len(chunks) == 4
     assert row["flags"] == "usage_unknown"
     assert row["unpriced"] is True
+
+
+def test_responses_stream_left_at_terminal_event_ok(tracker, fake, clients):
+    client = clients()
+
+    stream = client.responses.create(model=RESPONSES_MODEL, input="hi", stream=True)
+    for event in stream:
+        if event.type == "response.completed":
+            break
+    stream.close()
+    row = only_row(tracker)
+
+    assert row["status"] == "ok"
+    assert row["cost_usd"] is not None

@@ -275,6 +275,10 @@ def _closed(call: _Call, http_response: Any) -> None:
         if tap.inside:
             # The stream hook is closing the response itself and decides.
             return
+        if tap.terminal_status is not None and call.has_usage:
+            # The caller left right after the last event: the call is complete.
+            call.finish(tap.terminal_status, error_type=tap.terminal_error, flags=call.unknown_usage_flags())
+            return
         # The caller closed a stream part way: the tokens reported so far
         # are recorded, and a chat stream has reported none yet.
         call.finish(Status.INCOMPLETE, flags=call.unknown_usage_flags())
