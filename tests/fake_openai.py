@@ -26,7 +26,8 @@ AZURE_MODEL = "gpt-4.1-mini-2025-04-14"
 # -malformed: a chat stream with one chunk whose `choices` is a number.
 # -cut: a chat stream whose connection closes after two chunks.
 # -length: a chat completion that stopped at its token limit.
-BEHAVIOURS = ("-retry500", "-fail500", "-badusage", "-malformed", "-cut", "-length")
+# -typed: a chat stream whose chunks carry an extra `type` field.
+BEHAVIOURS = ("-retry500", "-fail500", "-badusage", "-malformed", "-cut", "-length", "-typed")
 
 # Chat and legacy completions usage: 1000 prompt tokens, of which 400 were
 # read from the cache, and 300 completion tokens, of which 120 were reasoning.
@@ -161,6 +162,8 @@ class _Handler(BaseHTTPRequestHandler):
             frames.insert(2, {**chunk({}, None), "choices": 7})
         if include_usage:
             frames.append({**chunk({}, None), "choices": [], "usage": usage})
+        if self.behaviour == "-typed":
+            frames = [{**frame, "type": "chat.completion.chunk"} for frame in frames]
         lines = [f"data: {json.dumps(frame)}\n\n" for frame in frames] + ["data: [DONE]\n\n"]
         if self.behaviour == "-cut":
             self._send_cut_sse(lines[:2])

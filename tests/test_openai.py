@@ -888,3 +888,18 @@ def test_responses_stream_left_at_terminal_event_ok(tracker, fake, clients):
 
     assert row["status"] == "ok"
     assert row["cost_usd"] is not None
+
+
+def test_chat_chunks_with_type_field_priced(tracker, fake, clients):
+    client = clients()
+
+    chunks = list(
+        client.chat.completions.create(
+            model=f"{CHAT_MODEL}-typed", messages=MESSAGES, stream=True, stream_options=INCLUDE_USAGE
+        )
+    )
+    row = only_row(tracker)
+
+    assert len(chunks) == 5
+    assert row["status"] == "ok"
+    assert Decimal(str(row["cost_usd"])) == Decimal("0.00076")

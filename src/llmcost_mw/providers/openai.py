@@ -57,6 +57,8 @@ _BILLABLE_PATH = re.compile(
 _CALL_ATTRIBUTE = "_llmcost_call"
 _USAGE_UNKNOWN = frozenset({"usage_unknown"})
 _NO_USAGE = Usage()
+# The `object` of chat and legacy completions stream chunks.
+_CHUNK_OBJECTS = frozenset({"chat.completion.chunk", "text_completion"})
 # Terminal events of a Responses API stream, and the status each one records.
 _RESPONSE_TERMINAL = {
     "response.completed": Status.OK,
@@ -375,7 +377,9 @@ class _StreamTap:
         self.saw_event = True
         call = self.call
         kind = getattr(event, "type", None)
-        if kind is not None:
+        # Chat and legacy completions chunks name their `object`; a server
+        # may add a `type` field to them, which Responses events use.
+        if kind is not None and getattr(event, "object", None) not in _CHUNK_OBJECTS:
             self._observe_response_event(kind, event)
             return
         # A chat or legacy completions chunk.
