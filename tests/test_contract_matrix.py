@@ -417,7 +417,8 @@ class Expect:
 
 OK = Expect("ok", FULL_BUCKETS, FULL_COST)
 INCOMPLETE = Expect("incomplete", START_BUCKETS, START_COST)
-NOT_CONSUMED = Expect("not_consumed", NO_BUCKETS, Decimal(0), has_response_id=False)
+# The request was sent, so it may have been billed: the cost is unknown.
+NOT_CONSUMED = Expect("not_consumed", NO_BUCKETS, None, flags="usage_unknown", has_response_id=False)
 
 
 def json_reply() -> list[Reply]:

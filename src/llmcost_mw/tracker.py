@@ -17,9 +17,9 @@ __all__ = ["Tracker"]
 logger = logging.getLogger(__name__)
 
 USAGE_UNKNOWN_WARNING = (
-    "a call to model %r (provider %s) reported no token usage, so its cost is recorded as unknown "
-    "(cost_usd NULL, flag usage_unknown); an OpenAI chat stream reports its usage only with "
-    "stream_options={'include_usage': True}"
+    "a call to model %r (provider %s) reported no token usage (a stream closed before its usage arrived, "
+    "or an OpenAI chat stream without stream_options={'include_usage': True}), so its cost is recorded "
+    "as unknown: cost_usd NULL, flag usage_unknown"
 )
 UNPRICED_WARNING = (
     "model %r (provider %s) is not in the price table; its calls are recorded with cost_usd NULL "

@@ -102,6 +102,10 @@ class _Call:
         if self.finished:
             return
         self.finished = True
+        if status == Status.NOT_CONSUMED and self.usage is None and self.usage_source is None:
+            # The request was sent and may have been billed before the
+            # caller let go of the response, so its cost is unknown, not $0.
+            flags = flags | _USAGE_UNKNOWN
         tracker = _tracker
         if tracker is None:
             return
