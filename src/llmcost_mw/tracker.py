@@ -7,7 +7,7 @@ import threading
 from collections import OrderedDict, deque
 
 from .errors import UnpricedModelError
-from .events import CostEvent
+from .events import CostEvent, Status
 from .metrics import Metrics
 from .pricing import PriceBook
 from .recorder import Recorder
@@ -89,6 +89,10 @@ class Tracker:
         event.prepare = None
         event.resolve_usage()
         event.price_version = self.price_book.version
+        if event.status == Status.NOT_CONSUMED:
+            # The request was sent and may have been billed before the caller
+            # let go of the response, and no usage arrived: the cost is unknown.
+            event.flags = event.flags | {"usage_unknown"}
         flags = event.flags | event.usage.flags
         if "usage_unknown" in flags or "usage_invalid" in flags:
             # Tokens were spent but never reported (a chat stream without

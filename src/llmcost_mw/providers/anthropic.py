@@ -46,7 +46,6 @@ SUPPORTED_VERSIONS = ">=2.17,<3"
 
 _MESSAGE_PATHS = frozenset({"/v1/messages", "/v1/messages?beta=true"})
 _CALL_ATTRIBUTE = "_llmcost_call"
-_USAGE_UNKNOWN = frozenset({"usage_unknown"})
 _NO_USAGE = Usage()
 
 _tracker: Tracker | None = None
@@ -102,10 +101,6 @@ class _Call:
         if self.finished:
             return
         self.finished = True
-        if status == Status.NOT_CONSUMED and self.usage is None and self.usage_source is None:
-            # The request was sent and may have been billed before the
-            # caller let go of the response, so its cost is unknown, not $0.
-            flags = flags | _USAGE_UNKNOWN
         tracker = _tracker
         if tracker is None:
             return
@@ -245,13 +240,10 @@ def _closed_unparsed(call: _Call, http_response: Any) -> None:
     """Record a raw response closed without a parse that showed its usage."""
     if call.finished or call.tapped:
         return
-    if http_response.is_stream_consumed:
-        # NOTE: the caller read the raw bytes (`iter_lines()`, `iter_bytes()`),
-        # so the call ran to completion, but its usage never passed through
-        # the SDK and is unknown. The row has empty buckets and this flag.
-        call.finish(Status.NOT_CONSUMED, flags=_USAGE_UNKNOWN)
-    else:
-        call.finish(Status.NOT_CONSUMED)
+    # NOTE: a caller that read the raw bytes (`iter_lines()`, `iter_bytes()`)
+    # ran the call to completion, but its usage never passed through the SDK.
+    # Like a response closed unread, the row is `not_consumed` with an unknown cost.
+    call.finish(Status.NOT_CONSUMED)
 
 
 def _hook_body(call: _Call, http_response: Any, *, parse_json: bool) -> None:

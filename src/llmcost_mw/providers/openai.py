@@ -126,10 +126,6 @@ class _Call:
         if self.finished:
             return
         self.finished = True
-        if status == Status.NOT_CONSUMED and self.usage is None and self.usage_source is None:
-            # The request was sent and may have been billed before the
-            # caller let go of the response, so its cost is unknown, not $0.
-            flags = flags | _USAGE_UNKNOWN
         tracker = _tracker
         if tracker is None:
             return
@@ -288,12 +284,10 @@ def _closed(call: _Call, http_response: Any) -> None:
         # The caller closed a stream part way: the tokens reported so far
         # are recorded, and a chat stream has reported none yet.
         call.finish(Status.INCOMPLETE, flags=call.unknown_usage_flags())
-    elif http_response.is_stream_consumed:
-        # NOTE: the caller read the raw bytes (`iter_lines()`, `iter_bytes()`),
-        # so the call ran to completion, but its usage never passed through
-        # the SDK and is unknown.
-        call.finish(Status.NOT_CONSUMED, flags=_USAGE_UNKNOWN)
     else:
+        # NOTE: a caller that read the raw bytes (`iter_lines()`) ran the call
+        # to completion, but its usage never passed through the SDK. Like a
+        # response closed unread, the row is `not_consumed` with an unknown cost.
         call.finish(Status.NOT_CONSUMED)
 
 
