@@ -78,9 +78,9 @@ class CostEvent:
     def resolve_usage(self) -> None:
         """Parse the usage that `usage_source` reads, once.
 
-        On TypeError or ValueError the row keeps empty buckets, is flagged
-        `usage_invalid` and a warning is logged: the caller's call has
-        already succeeded.
+        When parsing raises, the row keeps empty buckets, is flagged
+        `usage_invalid` and a warning is logged, because the caller's call
+        has already succeeded.
         """
         parse, self.usage_source = self.usage_source, None
         if parse is None:

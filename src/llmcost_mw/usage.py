@@ -306,7 +306,7 @@ def usage_from_openai(usage: Any) -> Usage:
             f"invalid usage: {cached} cached and {cache_writes} cache-write tokens "
             f"exceed the {prompt_tokens} prompt tokens"
         )
-    # NOTE: OpenAI does not publish a cache-write rate, and cache writes are
+    # NOTE: no page read gave an OpenAI cache-write rate, and cache writes are
     # reported without a lifetime that matches the 5-minute or 1-hour
     # buckets. All of them go to the 5-minute bucket, which OpenAI price rows
     # price at the input rate.
